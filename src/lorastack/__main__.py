@@ -1,0 +1,5 @@
+import sys
+
+from lorastack.cli import main
+
+sys.exit(main())

@@ -1,0 +1,128 @@
+"""The ``lorastack`` command.
+
+Every subcommand's arguments are declared here (cheap), and its handler is imported only when that
+subcommand runs, so ``lorastack --help`` never imports torch, transformers, Pulumi or the Azure SDKs.
+A handler takes the parsed ``argparse.Namespace`` and returns the process exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> "module:function" (imported lazily)
+HANDLERS = {
+    "validate": "lorastack.data:validate_command",
+    "finetune": "lorastack.trainer:finetune_command",
+    "train": "lorastack.trainer:train_command",
+    "serve": "lorastack.serve.server:serve_command",
+    "demo": "lorastack.demo:demo_command",
+    "plan": "provisioning.plan:plan_command",
+    "stack-new": "provisioning.selfservice:stack_new_command",
+}
+
+
+def _store_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--store",
+        metavar="DIR",
+        help="adapter store directory (default: $LORASTACK_STORE or ./.lorastack/store)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lorastack",
+        description="Fine-tune LLM adapters with QLoRA and serve them, locally or on Azure Container Apps GPUs.",
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("validate", help="check chat fine-tuning JSONL files before any GPU is paid for")
+    p.add_argument("files", nargs="+", metavar="FILE", help="JSONL files in the Azure/OpenAI chat format")
+    p.add_argument("--base-model", metavar="M", help="count tokens with this model's tokenizer and chat template")
+    p.add_argument("--max-seq-len", type=int, metavar="N", help="per-example token limit (default: model context)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    p = sub.add_parser("finetune", help="fine-tune an adapter from a run spec (jobs/<name>.yaml)")
+    p.add_argument("spec", metavar="JOB.yaml", help="run spec")
+    p.add_argument("--local", action="store_true", help="train in this process instead of the Azure job")
+    _store_arg(p)
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any spec field, dotted for nested ones (e.g. --set lora.r=32); repeatable",
+    )
+    p.add_argument("--base-model", metavar="M", help="override base_model")
+    p.add_argument("--max-steps", type=int, metavar="N", help="override training.max_steps")
+    p.add_argument("--epochs", type=float, metavar="N", help="override training.epochs")
+    p.add_argument("--time-budget", metavar="DURATION", help="override time_budget (e.g. 30m, 2h)")
+
+    p = sub.add_parser("train", help="run a prepared run from the store (the training image's entrypoint)")
+    _store_arg(p)
+    p.add_argument("--run", required=True, metavar="RUN_ID", help="run id under <store>/runs/")
+
+    p = sub.add_parser("serve", help="serve every adapter in the store (OpenAI-compatible API + chat UI)")
+    p.add_argument("--local", action="store_true", help="run on this machine (no Azure)")
+    _store_arg(p)
+    p.add_argument("--base-model", metavar="M", help="base model (default: the one the adapters name)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--no-auth", action="store_true", help="no API key (allowed on loopback only)")
+
+    p = sub.add_parser("demo", help="validate, fine-tune and serve a sample adapter locally (no Azure)")
+    _store_arg(p)
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--no-serve", action="store_true", help="stop after publishing the adapter")
+
+    p = sub.add_parser("plan", help="render a stack offline under Pulumi mocks and check the policies")
+    p.add_argument("--stack", required=True, metavar="NAME", help="stack name (stacks/Pulumi.<NAME>.yaml)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--project-dir", metavar="DIR", help="directory holding Pulumi.yaml (default: search upwards)")
+
+    p = sub.add_parser("stack", help="self-service stacks")
+    stack_sub = p.add_subparsers(dest="stack_command", metavar="ACTION", required=True)
+    q = stack_sub.add_parser("new", help="create stacks/Pulumi.<team>.yaml within the platform guardrails")
+    q.add_argument("team", metavar="TEAM", help="team name (the stack name)")
+    q.add_argument("--location", metavar="REGION", help="Azure region (must be allowed by the guardrails)")
+    q.add_argument("--gpu", metavar="PROFILE", help="inference GPU workload profile type")
+    q.add_argument("--max-replicas", type=int, metavar="N", help="inference max replicas")
+    q.add_argument("--project-dir", metavar="DIR", help="directory holding Pulumi.yaml (default: search upwards)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from lorastack import __version__
+
+        print(__version__)
+        return 0
+    if not args.command:
+        parser.print_help()
+        return 2
+    key = "stack-new" if args.command == "stack" else args.command
+    module_name, func_name = HANDLERS[key].split(":")
+    try:
+        handler = getattr(importlib.import_module(module_name), func_name)
+    except ModuleNotFoundError as exc:
+        extra = {"validate": "train", "finetune": "train", "train": "train", "serve": "serve", "demo": "all"}.get(key, "infra")
+        print(
+            f"lorastack {args.command}: missing dependency {exc.name!r}; install it with "
+            f"`pip install 'lorastack[{extra}]'`",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        return int(handler(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""The adapter store: the one contract between the CLI, the trainer and the inference app.
+
+The store is a directory tree (an Azure Files share in the cloud, a plain directory locally)::
+
+    <store>/
+      datasets/<sha256>.jsonl            content-addressed, immutable
+      models/                            Hugging Face cache for base models (HF_HOME in the cloud)
+      runs/<run-id>/spec.yaml            the resolved run spec
+      runs/<run-id>/status.json          phase, step, loss, tokens/s, timestamps, error
+      runs/<run-id>/results.csv          per-step metrics (Azure fine-tuning column names)
+      runs/<run-id>/checkpoints/checkpoint-<step>/COMPLETE
+      adapters/<name>/<version>/         PEFT files + manifest.json (written last)
+      adapters/<name>/LATEST             names the current version; written last
+
+Writers write into a temporary sibling and rename; markers and pointers are written last. Readers trust
+nothing without the manifest and verify every file's sha256, so a killed writer never leaves a half
+adapter that a reader will load. This module imports only the standard library and PyYAML.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+MANIFEST = "manifest.json"
+LATEST = "LATEST"
+COMPLETE = "COMPLETE"
+DEFAULT_LOCAL_STORE = Path(".lorastack") / "store"
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+VERSION_RE = re.compile(r"^v[0-9]+$")
+_TMP_PREFIX = ".tmp-"
+
+
+class StoreError(Exception):
+    """A store object is missing, malformed or does not match its manifest."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks (bounded memory for large datasets and weights)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_name(name: str, what: str = "adapter name") -> str:
+    """Return ``name`` if it is a valid store name, else raise a StoreError saying what is allowed."""
+    if not NAME_RE.match(name or ""):
+        raise StoreError(
+            f"invalid {what} {name!r}: use 1-63 lowercase letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def parse_adapter_ref(ref: str) -> tuple[str, str | None]:
+    """Split ``name`` or ``name@version`` (e.g. ``travel@v3``) into (name, version or None)."""
+    name, _, version = ref.partition("@")
+    check_name(name)
+    if version and not VERSION_RE.match(version):
+        raise StoreError(f"invalid adapter version {version!r} in {ref!r}: versions look like 'v3'")
+    return name, version or None
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write a file so that readers see either the old content or the new, never a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{uuid.uuid4().hex[:8]}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Atomically write ``obj`` as indented JSON."""
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def read_json(path: Path) -> Any:
+    """Read a JSON file, naming the file in the error if it is not valid JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise StoreError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A published, verified adapter version."""
+
+    name: str
+    version: str
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @property
+    def base_model(self) -> str:
+        return self.manifest.get("base_model", "")
+
+    @property
+    def base_revision(self) -> str | None:
+        return self.manifest.get("base_revision")
+
+
+class Store:
+    """A store rooted at a directory: a local path or the mount path of the Azure Files share."""
+
+    def __init__(self, root: str | os.PathLike[str]):
+        self.root = Path(root).expanduser().resolve()
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.root)!r})"
+
+    # -- layout ---------------------------------------------------------------------------------
+    @property
+    def datasets_dir(self) -> Path:
+        return self.root / "datasets"
+
+    @property
+    def models_dir(self) -> Path:
+        """Hugging Face cache for base models (set HF_HOME here in the cloud)."""
+        return self.root / "models"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.root / "adapters"
+
+    def init(self) -> "Store":
+        """Create the top-level directories (idempotent)."""
+        for d in (self.datasets_dir, self.models_dir, self.runs_dir, self.adapters_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        return self
+
+    # -- datasets -------------------------------------------------------------------------------
+    def put_dataset(self, src: str | os.PathLike[str]) -> tuple[str, Path]:
+        """Copy a dataset file into the store under its sha256; returns (sha256, stored path).
+
+        Idempotent: the same content is stored once, and an existing copy is never rewritten.
+        """
+        src = Path(src)
+        digest = sha256_file(src)
+        dest = self.datasets_dir / f"{digest}.jsonl"
+        if not dest.exists():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(f"{_TMP_PREFIX}{dest.name}.{uuid.uuid4().hex[:8]}")
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dest)
+        return digest, dest
+
+    def dataset_path(self, digest: str) -> Path:
+        """Path of a stored dataset; verifies it exists and still has the content its name claims."""
+        path = self.datasets_dir / f"{digest}.jsonl"
+        if not path.is_file():
+            raise StoreError(f"dataset {digest} is not in the store at {self.datasets_dir}")
+        if sha256_file(path) != digest:
+            raise StoreError(f"dataset {path} does not match its sha256: the store copy is corrupt")
+        return path
+
+    # -- runs -----------------------------------------------------------------------------------
+    def run_dir(self, run_id: str) -> Path:
+        return self.runs_dir / check_name(run_id, "run id")
+
+    def checkpoints_dir(self, run_id: str) -> Path:
+        return self.run_dir(run_id) / "checkpoints"
+
+    def write_status(self, run_id: str, status: dict[str, Any]) -> None:
+        """Atomically replace ``runs/<run-id>/status.json``."""
+        write_json_atomic(self.run_dir(run_id) / "status.json", status)
+
+    def read_status(self, run_id: str) -> dict[str, Any] | None:
+        path = self.run_dir(run_id) / "status.json"
+        return read_json(path) if path.exists() else None
+
+    @staticmethod
+    def mark_complete(checkpoint: Path) -> None:
+        """Mark a fully written checkpoint directory as trustworthy (written last)."""
+        write_bytes_atomic(checkpoint / COMPLETE, f"{time.time():.3f}\n".encode())
+
+    def complete_checkpoints(self, run_id: str) -> list[tuple[int, Path]]:
+        """(step, path) of every checkpoint holding a COMPLETE marker, oldest first."""
+        found = []
+        root = self.checkpoints_dir(run_id)
+        if root.is_dir():
+            for child in root.iterdir():
+                m = re.fullmatch(r"checkpoint-(\d+)", child.name)
+                if m and child.is_dir() and (child / COMPLETE).is_file():
+                    found.append((int(m.group(1)), child))
+        return sorted(found)
+
+    def latest_checkpoint(self, run_id: str) -> Path | None:
+        """The newest complete checkpoint of a run, or None. Incomplete ones are ignored."""
+        done = self.complete_checkpoints(run_id)
+        return done[-1][1] if done else None
+
+    # -- adapters -------------------------------------------------------------------------------
+    def publish_adapter(self, name: str, src_dir: str | os.PathLike[str], manifest: dict[str, Any]) -> Adapter:
+        """Publish the files in ``src_dir`` as the next version of adapter ``name``.
+
+        Steps, each safe to be killed at: copy into a temporary sibling; write the manifest (with
+        every file's sha256) last inside it; rename it to ``v<N>``; then point LATEST at it.
+        """
+        check_name(name)
+        src_dir = Path(src_dir)
+        adapter_root = self.adapters_dir / name
+        adapter_root.mkdir(parents=True, exist_ok=True)
+        staging = adapter_root / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
+        shutil.copytree(src_dir, staging, ignore=shutil.ignore_patterns(MANIFEST, f"{_TMP_PREFIX}*"))
+        files = {
+            str(p.relative_to(staging)): sha256_file(p) for p in sorted(staging.rglob("*")) if p.is_file()
+        }
+        if "adapter_config.json" not in files:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise StoreError(f"{src_dir} has no adapter_config.json: not a PEFT adapter directory")
+        while True:
+            version = f"v{self._next_version_number(name)}"
+            full_manifest = {
+                **manifest,
+                "name": name,
+                "version": version,
+                "files": files,
+                "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+            write_json_atomic(staging / MANIFEST, full_manifest)
+            try:
+                os.rename(staging, adapter_root / version)
+                break
+            except OSError:  # another writer took this version number first: take the next one
+                if not (adapter_root / version).exists():
+                    raise
+        write_bytes_atomic(adapter_root / LATEST, f"{version}\n".encode())
+        return Adapter(name, version, adapter_root / version, full_manifest)
+
+    def _next_version_number(self, name: str) -> int:
+        nums = [int(v[1:]) for v in self.adapter_versions(name, include_unverified=True)]
+        return max(nums, default=0) + 1
+
+    def adapter_names(self) -> list[str]:
+        """Names of adapters that have a LATEST pointer (i.e. at least one finished publish)."""
+        if not self.adapters_dir.is_dir():
+            return []
+        return sorted(
+            d.name for d in self.adapters_dir.iterdir() if d.is_dir() and NAME_RE.match(d.name) and (d / LATEST).is_file()
+        )
+
+    def adapter_versions(self, name: str, include_unverified: bool = False) -> list[str]:
+        """Versions of an adapter, oldest first (those with a manifest unless include_unverified)."""
+        root = self.adapters_dir / check_name(name)
+        if not root.is_dir():
+            return []
+        versions = [
+            d.name
+            for d in root.iterdir()
+            if d.is_dir() and VERSION_RE.match(d.name) and (include_unverified or (d / MANIFEST).is_file())
+        ]
+        return sorted(versions, key=lambda v: int(v[1:]))
+
+    def latest_version(self, name: str) -> str | None:
+        """The version LATEST points at, or None if the adapter was never fully published."""
+        pointer = self.adapters_dir / check_name(name) / LATEST
+        if not pointer.is_file():
+            return None
+        version = pointer.read_text(encoding="utf-8").strip()
+        if not VERSION_RE.match(version):
+            raise StoreError(f"{pointer}: names {version!r}, which is not a version like 'v3'")
+        return version
+
+    def adapter(self, ref: str, verify: bool = True) -> Adapter:
+        """Resolve ``name`` (its LATEST version) or ``name@version`` to a verified adapter.
+
+        Raises StoreError if the adapter does not exist, has no manifest, or a file's sha256 differs
+        from the manifest (a corrupted or half-copied adapter is never handed out).
+        """
+        name, version = parse_adapter_ref(ref)
+        if version is None:
+            version = self.latest_version(name)
+            if version is None:
+                raise StoreError(f"adapter {name!r} is not in the store at {self.adapters_dir}")
+        path = self.adapters_dir / name / version
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            raise StoreError(f"adapter {name}@{version} has no {MANIFEST}: not published (or being published)")
+        manifest = read_json(manifest_path)
+        if verify:
+            verify_files(path, manifest.get("files") or {})
+        return Adapter(name, version, path, manifest)
+
+    def adapters(self) -> Iterator[Adapter]:
+        """The LATEST version of every adapter whose manifest can be read (hashes not checked here)."""
+        for name in self.adapter_names():
+            with contextlib.suppress(StoreError):
+                yield self.adapter(name, verify=False)
+
+
+def verify_files(root: Path, files: dict[str, str]) -> None:
+    """Check that every file listed in a manifest exists under ``root`` with the listed sha256."""
+    if not files:
+        raise StoreError(f"{root / MANIFEST} lists no files")
+    for rel, expected in files.items():
+        path = root / rel
+        if not path.is_file():
+            raise StoreError(f"{path} is listed in the manifest but missing")
+        if sha256_file(path) != expected:
+            raise StoreError(f"{path} does not match the sha256 in its manifest: the adapter is corrupt")
+
+
+def open_store(root: str | os.PathLike[str] | None = None) -> Store:
+    """The store at ``root``, else $LORASTACK_STORE, else ./.lorastack/store."""
+    return Store(root or os.environ.get("LORASTACK_STORE") or DEFAULT_LOCAL_STORE)
