@@ -40,7 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("validate", help="check chat fine-tuning JSONL files before any GPU is paid for")
-    p.add_argument("files", nargs="+", metavar="FILE", help="JSONL files in the Azure/OpenAI chat format")
+    p.add_argument("files", nargs="+", metavar="FILE", help="training JSONL files in the Azure/OpenAI chat format")
+    p.add_argument(
+        "--validation",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a validation JSONL file (no 10-example minimum; examples without answers are warnings); repeatable",
+    )
     p.add_argument("--base-model", metavar="M", help="count tokens with this model's tokenizer and chat template")
     p.add_argument("--max-seq-len", type=int, metavar="N", help="per-example token limit (default: model context)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -72,6 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--no-auth", action="store_true", help="no API key (allowed on loopback only)")
+    p.add_argument("--base-revision", metavar="REV", help="base model revision (hub commit, branch or tag)")
+    p.add_argument("--no-4bit", action="store_true", help="load the base model unquantized (default: 4-bit NF4)")
+    p.add_argument("--max-batch-size", type=int, default=16, metavar="N", help="rows decoded together (default 16)")
+    p.add_argument("--max-queue", type=int, default=64, metavar="N", help="waiting requests before 429 (default 64)")
+    p.add_argument(
+        "--max-loaded-adapters", type=int, default=8, metavar="N", help="adapters kept in memory, LRU (default 8)"
+    )
+    p.add_argument(
+        "--trust-easy-auth",
+        action="store_true",
+        help="let ACA Easy Auth headers sign users into the UI (only when Easy Auth is enabled on the app)",
+    )
 
     p = sub.add_parser("demo", help="validate, fine-tune and serve a sample adapter locally (no Azure)")
     _store_arg(p)
