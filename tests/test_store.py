@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 
 import pytest
 
@@ -106,3 +107,14 @@ def test_only_complete_checkpoints_are_trusted(store):
     assert (ck / "checkpoint-10" / COMPLETE).is_file()
     assert [s for s, _ in store.complete_checkpoints("run-1")] == [5, 10]
     assert store.latest_checkpoint("run-2") is None
+
+
+def test_queued_runs_are_claimed_once_and_a_retry_gets_its_run_back(store):
+    store.enqueue_run("a-1")
+    time.sleep(0.01)
+    store.enqueue_run("b-2")
+    assert store.claim_run("exec-1") == "a-1"
+    assert store.claim_run("exec-2") == "b-2"
+    assert store.claim_run("exec-3") is None
+    # ACA restarts a failed replica within the same execution: it must resume its own run.
+    assert store.claim_run("exec-1") == "a-1"

@@ -11,6 +11,8 @@ The store is a directory tree (an Azure Files share in the cloud, a plain direct
       runs/<run-id>/checkpoints/checkpoint-<step>/COMPLETE
       adapters/<name>/<version>/         PEFT files + manifest.json (written last)
       adapters/<name>/LATEST             names the current version; written last
+      queue/<run-id>                     runs submitted to the cloud job, oldest first
+      claims/<run-id>                    which job execution took a queued run
 
 Writers write into a temporary sibling and rename; markers and pointers are written last. Readers trust
 nothing without the manifest and verify every file's sha256, so a killed writer never leaves a half
@@ -212,6 +214,47 @@ class Store:
         """The newest complete checkpoint of a run, or None. Incomplete ones are ignored."""
         done = self.complete_checkpoints(run_id)
         return done[-1][1] if done else None
+
+    # -- run queue ------------------------------------------------------------------------------
+    # The ACA job template is fixed (image, mounts, secrets); starting an execution with per-run overrides
+    # replaces the whole container template and may drop volume mounts. So a submitted run is queued on the
+    # store and the job entrypoint (`lorastack train --run next`) claims it.
+    @property
+    def queue_dir(self) -> Path:
+        return self.root / "queue"
+
+    @property
+    def claims_dir(self) -> Path:
+        return self.root / "claims"
+
+    def enqueue_run(self, run_id: str) -> None:
+        """Queue a prepared run (its spec.yaml already on the store) for the next job execution."""
+        write_bytes_atomic(self.queue_dir / check_name(run_id, "run id"), f"{time.time():.6f}\n".encode())
+
+    def claim_run(self, claimant: str) -> str | None:
+        """The run ``claimant`` (a job execution name) owns, else the oldest queued run, claimed atomically.
+
+        A replica retried within the same execution gets the same run back, so it resumes instead of
+        starting another. Returns None when nothing is queued.
+        """
+        self.claims_dir.mkdir(parents=True, exist_ok=True)
+        for claim in sorted(self.claims_dir.iterdir()):
+            if claim.is_file() and claim.read_text(encoding="utf-8").strip() == claimant:
+                return claim.name
+        if not self.queue_dir.is_dir():
+            return None
+        entries = [e for e in self.queue_dir.iterdir() if e.is_file() and NAME_RE.match(e.name)]
+        for entry in sorted(entries, key=lambda e: (e.stat().st_mtime, e.name)):
+            try:  # O_EXCL: exactly one execution wins each run, on a local disk and on SMB alike
+                fd = os.open(self.claims_dir / entry.name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(f"{claimant}\n")
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+            return entry.name
+        return None
 
     # -- adapters -------------------------------------------------------------------------------
     def publish_adapter(self, name: str, src_dir: str | os.PathLike[str], manifest: dict[str, Any]) -> Adapter:
