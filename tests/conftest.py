@@ -48,3 +48,9 @@ def store(tmp_path):
     from lorastack.store import Store
 
     return Store(tmp_path / "store").init()
+
+
+# --- provisioning (issue 2) --------------------------------------------------------------------------------------
+# `offline`: renders the Pulumi program under Pulumi's mocks (defined in tests/provisioning_helpers.py, which
+# imports pulumi only when a test renders).
+from provisioning_helpers import offline  # noqa: F401

@@ -1,0 +1,33 @@
+"""What the provisioned Job and App promise the images (and what the images promise back). Pure constants.
+
+The trainer image's entrypoint runs ``lorastack train --store $LORASTACK_STORE --run $LORASTACK_RUN_ID`` (the run
+id is set per execution: env LORASTACK_RUN_ID, or args ``--run <id>``); the Job keeps that entrypoint. The
+inference image runs ``lorastack serve --store <mount> --host 0.0.0.0 --port 8000``, reads API keys from
+LORASTACK_API_KEYS (comma-separated) and the Hugging Face token from HF_TOKEN, and answers /healthz (process alive)
+and /readyz (model loaded) on port 8000. Both see the store at /mnt/store; the Hugging Face hub cache is the
+store's models/ directory (HF_HUB_CACHE), which the trainer fills and the app reads offline.
+"""
+
+from __future__ import annotations
+
+STORE_MOUNT_PATH = "/mnt/store"
+STORE_VOLUME = "store"
+# The HF cache lives on the share: a replica's ephemeral disk is only 8 GiB, which a base model does not fit.
+HF_HOME = f"{STORE_MOUNT_PATH}/models"
+HF_HUB_CACHE = f"{STORE_MOUNT_PATH}/models"  # models--org--name/ directly under models/ (store.models_dir)
+ENV_STORE = "LORASTACK_STORE"
+ENV_RUN_ID = "LORASTACK_RUN_ID"
+INFERENCE_PORT = 8000
+LIVENESS_PATH = "/healthz"
+READINESS_PATH = "/readyz"
+
+# ACA secret names (per app/job) and the env vars that reference them.
+SECRET_HF_TOKEN = "hf-token"
+SECRET_API_KEYS = "api-keys"
+ENV_HF_TOKEN = "HF_TOKEN"
+ENV_API_KEYS = "LORASTACK_API_KEYS"
+
+def inference_command(easy_auth: bool = False) -> tuple[list[str], list[str]]:
+    """(command, args) of the inference container; with Easy Auth in front, the UI trusts its sign-in headers."""
+    args = ["serve", "--store", STORE_MOUNT_PATH, "--host", "0.0.0.0", "--port", str(INFERENCE_PORT)]
+    return ["lorastack"], args + (["--trust-easy-auth"] if easy_auth else [])

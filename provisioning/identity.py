@@ -1,0 +1,146 @@
+"""Identity and secrets: the user-assigned identity, Key Vault (created or brought), secrets and role assignments.
+
+One ComponentResource. The job and the app use this identity for Key Vault references and image pulls; they
+depend on the role assignments, so they are never created before the identity may read (ACA#733 / ACA#1174:
+a system-assigned identity does not exist until the app does, so it cannot be granted access in time).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pulumi
+from pulumi_azure_native import authorization, keyvault, managedidentity
+
+KEY_VAULT_SECRETS_USER = "4633458b-17de-408a-b874-0445c86b69e6"
+ACR_PULL = "7f951dda-4ed3-4680-a7ca-43fe172d538d"
+
+
+def parse_vault_id(vault_id: str) -> tuple[str, str]:
+    """(resource group, vault name) of a Key Vault resource ID."""
+    parts = vault_id.strip("/").split("/")
+    return parts[3], parts[-1]
+
+
+@dataclass
+class WorkloadIdentityArgs:
+    """Inputs of :class:`WorkloadIdentity`."""
+
+    resource_group_name: pulumi.Input[str]
+    location: str
+    identity_name: str
+    subscription_id: pulumi.Input[str]
+    tenant_id: pulumi.Input[str]
+    vault_name: str | None  # create this vault ...
+    existing_vault_id: str | None  # ... or use this one
+    purge_protection: bool
+    soft_delete_days: int
+    hf_token: pulumi.Input[str] | None  # secret Outputs; None: the secret already exists in the vault
+    api_keys: pulumi.Input[str] | None
+    hf_token_secret_name: str
+    api_keys_secret_name: str
+    registry_id: str | None
+    protect: bool
+    tags: dict[str, str]
+
+
+class WorkloadIdentity(pulumi.ComponentResource):
+    """A user-assigned identity that may read the stack's secrets (and pull its images)."""
+
+    identity_id: pulumi.Output[str]
+    client_id: pulumi.Output[str]
+    vault_name: pulumi.Output[str]
+    vault_uri: pulumi.Output[str]
+    hf_token_url: pulumi.Output[str]
+    api_keys_url: pulumi.Output[str]
+    grants: list[pulumi.Resource]
+
+    def __init__(self, name: str, args: WorkloadIdentityArgs, opts: pulumi.ResourceOptions | None = None):
+        super().__init__("lorastack:provisioning:WorkloadIdentity", name, {}, opts)
+        child = pulumi.ResourceOptions(parent=self)
+        uai = managedidentity.UserAssignedIdentity(
+            f"{name}-uai",
+            resource_group_name=args.resource_group_name,
+            resource_name_=args.identity_name,
+            location=args.location,
+            tags=args.tags,
+            opts=child,
+        )
+        if args.existing_vault_id:
+            vault_rg, vault_name = parse_vault_id(args.existing_vault_id)
+            vault_id: pulumi.Input[str] = args.existing_vault_id
+            vault_name_out = pulumi.Output.from_input(vault_name)
+            vault_uri = pulumi.Output.from_input(f"https://{vault_name}.vault.azure.net/")
+            secrets_rg: pulumi.Input[str] = vault_rg
+        else:
+            vault = keyvault.Vault(
+                f"{name}-vault",
+                resource_group_name=args.resource_group_name,
+                vault_name=args.vault_name,
+                location=args.location,
+                properties=keyvault.VaultPropertiesArgs(
+                    tenant_id=args.tenant_id,
+                    sku=keyvault.SkuArgs(family="A", name="standard"),
+                    enable_rbac_authorization=True,
+                    enable_soft_delete=True,
+                    soft_delete_retention_in_days=args.soft_delete_days,
+                    # Purge protection cannot be switched off once on; "false" is sent as "not set".
+                    enable_purge_protection=True if args.purge_protection else None,
+                ),
+                tags=args.tags,
+                opts=pulumi.ResourceOptions(parent=self, protect=args.protect),
+            )
+            vault_id, vault_name_out, secrets_rg = vault.id, vault.name, args.resource_group_name
+            vault_uri = vault.properties.vault_uri
+
+        def secret_url(key: str, secret_name: str, value: pulumi.Input[str] | None) -> pulumi.Output[str]:
+            if value is None:  # brought by the platform team: reference it by its versionless URL
+                return vault_uri.apply(lambda u: f"{u.rstrip('/')}/secrets/{secret_name}")
+            secret = keyvault.Secret(
+                f"{name}-{key}",
+                resource_group_name=secrets_rg,
+                vault_name=vault_name_out,
+                secret_name=secret_name,
+                properties=keyvault.SecretPropertiesArgs(value=pulumi.Output.secret(value), content_type="text/plain"),
+                opts=child,
+            )
+            # Versionless URI: ACA picks up new versions (within ~30 min) without a redeploy.
+            return secret.properties.secret_uri
+
+        self.hf_token_url = secret_url("hf-token", args.hf_token_secret_name, args.hf_token)
+        self.api_keys_url = secret_url("api-keys", args.api_keys_secret_name, args.api_keys)
+
+        def role(role_guid: str) -> pulumi.Output[str]:
+            return pulumi.Output.concat(
+                "/subscriptions/", args.subscription_id, "/providers/Microsoft.Authorization/roleDefinitions/", role_guid
+            )
+
+        self.grants = [
+            authorization.RoleAssignment(
+                f"{name}-kv-secrets-user",
+                scope=vault_id,
+                principal_id=uai.principal_id,
+                principal_type="ServicePrincipal",
+                role_definition_id=role(KEY_VAULT_SECRETS_USER),
+                opts=child,
+            )
+        ]
+        if args.registry_id:
+            self.grants.append(authorization.RoleAssignment(
+                f"{name}-acr-pull",
+                scope=args.registry_id,
+                principal_id=uai.principal_id,
+                principal_type="ServicePrincipal",
+                role_definition_id=role(ACR_PULL),
+                opts=child,
+            ))
+        self.identity_id = uai.id
+        self.client_id = uai.client_id
+        self.vault_name = vault_name_out
+        self.vault_uri = vault_uri
+        self.register_outputs({
+            "identity_id": self.identity_id,
+            "client_id": self.client_id,
+            "vault_name": self.vault_name,
+            "vault_uri": self.vault_uri,
+        })

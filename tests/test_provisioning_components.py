@@ -1,0 +1,294 @@
+"""Each component's inputs as sent to the provider (real pulumi-azure-native classes under Pulumi's mocks),
+secrets, ordering and protection, and one named test per known ACA failure mode."""
+
+from __future__ import annotations
+
+import pytest
+from provisioning_helpers import settings_with
+
+from provisioning import contract
+from provisioning.identity import ACR_PULL, KEY_VAULT_SECRETS_USER
+from provisioning.outputs import OUTPUTS, ai_toolkit_configs
+
+KV_ID = "/subscriptions/s/resourceGroups/rg-platform/providers/Microsoft.KeyVault/vaults/kv-platform"
+ACR_ID = "/subscriptions/s/resourceGroups/rg-shared/providers/Microsoft.ContainerRegistry/registries/acme"
+VNET = {"addressSpace": "10.40.0.0/16", "infrastructureSubnet": "10.40.0.0/23"}
+
+
+def container(r):
+    return r.get("template.containers")[0]
+
+
+def env_vars(r):
+    return {e["name"]: e for e in container(r)["env"]}
+
+
+# --- environment ---------------------------------------------------------------------------------------------
+def test_environment_profiles_and_logs(offline):
+    r = offline.render(settings_with())
+    env = r.one("ManagedEnvironment")
+    assert env.get("workloadProfiles") == [
+        {"name": "Consumption", "workloadProfileType": "Consumption", "enableFips": False},
+        {"name": "gpu-a100", "workloadProfileType": "Consumption-GPU-NC24-A100", "enableFips": False},
+        {"name": "gpu-t4", "workloadProfileType": "Consumption-GPU-NC8as-T4", "enableFips": False},
+    ]
+    assert env.get("appLogsConfiguration") == {"destination": "azure-monitor"}
+    diag = r.one("DiagnosticSetting")
+    assert diag.get("logs") == [{"categoryGroup": "allLogs", "enabled": True}]
+    assert diag.get("workspaceId") == r.one("Workspace").get("id", "/mock/Workspace/log-lorastack-unit")
+    assert r.one("Workspace").get("retentionInDays") == 30
+
+
+def test_dedicated_profile_gets_node_counts(offline):
+    r = offline.render(settings_with(training={"gpuProfile": "NC48-A100", "minNodes": 0, "maxNodes": 2}))
+    profiles = {p["name"]: p for p in r.one("ManagedEnvironment").get("workloadProfiles")}
+    assert profiles["nc48-a100"]["minimumCount"] == 0 and profiles["nc48-a100"]["maximumCount"] == 2
+    assert "minimumCount" not in profiles["gpu-t4"]
+    job = r.one("Job")
+    assert job.get("workloadProfileName") == "nc48-a100"
+    assert container(job)["resources"] == {"cpu": 48, "memory": "440Gi"}
+
+
+def test_vnet_integration(offline):
+    r = offline.render(settings_with(network=VNET))
+    subnet = r.one("Subnet")
+    assert subnet.get("addressPrefix") == "10.40.0.0/23"
+    assert subnet.get("delegations") == [{"name": "aca", "serviceName": "Microsoft.App/environments"}]
+    env = r.one("ManagedEnvironment")
+    assert env.get("vnetConfiguration.internal") is True
+    assert env.get("vnetConfiguration.infrastructureSubnetId")
+    acct = r.one("StorageAccount")
+    assert acct.get("networkRuleSet.defaultAction") == "Deny"
+    assert acct.get("networkRuleSet.virtualNetworkRules")[0]["virtualNetworkResourceId"]
+
+
+# --- store ---------------------------------------------------------------------------------------------------
+def test_storage_account_hardening_and_smb_settings(offline):
+    r = offline.render(settings_with(store={"quotaGiB": 512, "softDeleteDays": 9}))
+    acct = r.one("StorageAccount")
+    assert acct.get("minimumTlsVersion") == "TLS1_2"
+    assert acct.get("enableHttpsTrafficOnly") is True and acct.get("allowBlobPublicAccess") is False
+    assert (acct.get("kind"), acct.get("sku.name")) == ("StorageV2", "Standard_LRS")
+    smb = r.one("FileServiceProperties").get("protocolSettings.smb")
+    assert smb["channelEncryption"] == "AES-128-GCM;AES-256-GCM"
+    assert smb["authenticationMethods"] == "NTLMv2;Kerberos" and smb["versions"] == "SMB3.0;SMB3.1.1"
+    assert r.one("FileServiceProperties").get("shareDeleteRetentionPolicy") == {"enabled": True, "days": 9}
+    share = r.one("FileShare")
+    assert (share.get("shareQuota"), share.get("enabledProtocols")) == (512, "SMB")
+
+
+def test_environment_storage_links_carry_the_key_as_secret(offline):
+    r = offline.render(settings_with())
+    links = {x.get("storageName"): x for x in r.by_type("ManagedEnvironmentsStorage")}
+    assert set(links) == {"store-k1", "store-ro-k1"}
+    assert links["store-k1"].get("properties.azureFile.accessMode") == "ReadWrite"
+    assert links["store-ro-k1"].get("properties.azureFile.accessMode") == "ReadOnly"
+    for link in links.values():
+        assert link.get("properties.azureFile.accountKey") == "mock-key-1=="
+        assert "properties" in link.secret_paths  # the key-bearing object went to the provider as a secret
+
+
+def test_guard_aca_1406_key_rotation_rolls_to_a_new_storage_link(offline):
+    """ACA#1406: updating an environment storage's key breaks new mounts; a new generation is a new link."""
+    r = offline.render(settings_with(store={"keyGeneration": 2}))
+    links = {x.get("storageName"): x for x in r.by_type("ManagedEnvironmentsStorage")}
+    assert set(links) == {"store-k2", "store-ro-k2"}
+    assert links["store-k2"].get("properties.azureFile.accountKey") == "mock-key-2=="  # the other key
+    assert r.one("Job").get("template.volumes")[0]["storageName"] == "store-k2"
+    assert r.one("ContainerApp").get("template.volumes")[0]["storageName"] == "store-ro-k2"
+
+
+def test_nfs_variant_has_no_shared_key(offline):
+    r = offline.render(settings_with(network=VNET, store={"protocol": "nfs", "tier": "Premium", "quotaGiB": 100}))
+    acct = r.one("StorageAccount")
+    assert (acct.get("kind"), acct.get("sku.name"), acct.get("allowSharedKeyAccess")) == (
+        "FileStorage", "Premium_LRS", False)
+    assert r.one("FileShare").get("enabledProtocols") == "NFS"
+    for link in r.by_type("ManagedEnvironmentsStorage"):
+        nfs = link.get("properties.nfsAzureFile")
+        assert nfs["server"].endswith(".file.core.windows.net") and nfs["shareName"].endswith("/store")
+        assert not link.secret_paths and link.get("properties.azureFile") is None
+    assert r.one("Job").get("template.volumes")[0]["storageType"] == "NfsAzureFile"
+    assert not [c for c in r.mocks.calls if c.token.endswith("listStorageAccountKeys")]
+
+
+# --- identity and secrets ------------------------------------------------------------------------------------
+def test_key_vault_and_secrets(offline):
+    r = offline.render(settings_with())
+    vault = r.one("Vault").get("properties")
+    assert vault["enableRbacAuthorization"] is True and vault["enableSoftDelete"] is True
+    assert vault["enablePurgeProtection"] is True and vault["tenantId"] == "11111111-1111-1111-1111-111111111111"
+    secrets = {s.get("secretName"): s for s in r.by_type("keyvault:Secret")}
+    assert secrets["hf-token"].get("properties.value") == "hf_test_token_value"
+    assert secrets["inference-api-keys"].get("properties.value") == "key-one,key-two"
+    assert all("properties" in s.secret_paths for s in secrets.values())
+    grant = r.one("RoleAssignment")
+    assert grant.get("roleDefinitionId").endswith(KEY_VAULT_SECRETS_USER)
+    assert grant.get("principalType") == "ServicePrincipal"
+
+
+def test_job_and_app_reference_key_vault_by_url_and_identity(offline):
+    """PAN#2673: a Key Vault secret needs keyVaultUrl *and* identity, or ACA refuses it."""
+    r = offline.render(settings_with())
+    uai_id = "/mock/UserAssignedIdentity/id-lorastack-unit"
+    for res, names in ((r.one("Job"), {"hf-token"}), (r.one("ContainerApp"), {"hf-token", "api-keys"})):
+        secrets = {s["name"]: s for s in res.get("configuration.secrets")}
+        assert set(secrets) == names
+        for s in secrets.values():
+            assert s["keyVaultUrl"].startswith("https://kv-unit-") and "/secrets/" in s["keyVaultUrl"]
+            assert s["identity"] == uai_id and "value" not in s
+        assert res.get("identity") == {"type": "UserAssigned", "userAssignedIdentities": [uai_id]}
+
+
+def test_guard_aca_733_identity_and_grants_exist_before_job_and_app(offline):
+    """ACA#733/#1174: a system identity cannot be granted in time; the UAI's role assignments come first."""
+    r = offline.render(settings_with(images={"registry": {"server": "acme.azurecr.io", "resourceId": ACR_ID}}))
+    grants = {g.urn for g in r.by_type("RoleAssignment")}
+    assert len(grants) == 2
+    assert {g.get("roleDefinitionId").rsplit("/", 1)[-1] for g in r.by_type("RoleAssignment")} == {
+        KEY_VAULT_SECRETS_USER, ACR_PULL}
+    for res in (r.one("Job"), r.one("ContainerApp")):
+        assert grants <= set(res.dependencies)
+        assert res.get("configuration.registries") == [
+            {"server": "acme.azurecr.io", "identity": "/mock/UserAssignedIdentity/id-lorastack-unit"}]
+
+
+def test_bring_your_own_key_vault(offline):
+    r = offline.render(settings_with(hfToken=None, inferenceApiKeys=None,
+                                     keyVault={"existingId": KV_ID, "hfTokenSecretName": "t-hf"}), secret_keys=[])
+    assert not r.by_type("keyvault:Vault") and not r.by_type("keyvault:Secret")
+    assert r.one("RoleAssignment").get("scope") == KV_ID
+    secrets = {s["name"]: s["keyVaultUrl"] for s in r.one("ContainerApp").get("configuration.secrets")}
+    assert secrets["hf-token"] == "https://kv-platform.vault.azure.net/secrets/t-hf"
+    assert r.outputs["keyVaultName"] == "kv-platform"
+
+
+# --- training job --------------------------------------------------------------------------------------------
+def test_training_job_inputs(offline):
+    r = offline.render(settings_with(training={"replicaTimeoutSeconds": 7200, "replicaRetryLimit": 2}))
+    job = r.one("Job")
+    cfg = job.get("configuration")
+    assert cfg["triggerType"] == "Manual" and cfg["replicaTimeout"] == 7200 and cfg["replicaRetryLimit"] == 2
+    assert cfg["manualTriggerConfig"] == {"parallelism": 1, "replicaCompletionCount": 1}
+    assert job.get("workloadProfileName") == "gpu-a100"
+    c = container(job)
+    assert c["image"] == "ghcr.io/lorastack/trainer:0.1.0"
+    # the image's entrypoint (`lorastack train --store $LORASTACK_STORE --run $LORASTACK_RUN_ID`) is kept
+    assert "command" not in c and "args" not in c
+    assert env_vars(job)["LORASTACK_STORE"]["value"] == "/mnt/store"
+    assert c["resources"] == {"cpu": 24, "memory": "220Gi"}
+    assert c["volumeMounts"] == [{"volumeName": "store", "mountPath": "/mnt/store"}]
+    assert env_vars(job)["HF_TOKEN"] == {"name": "HF_TOKEN", "secretRef": "hf-token"}
+    assert job.get("template.volumes") == [{"name": "store", "storageType": "AzureFile", "storageName": "store-k1"}]
+
+
+def test_guard_ephemeral_disk_8gib_hf_cache_on_the_share(offline):
+    """ACA#1779/#896: the replica disk is 8 GiB even on GPU profiles; the HF cache must live on the share."""
+    r = offline.render(settings_with())
+    assert env_vars(r.one("Job"))["HF_HOME"]["value"] == "/mnt/store/models"
+    assert env_vars(r.one("Job"))["HF_HUB_CACHE"]["value"] == "/mnt/store/models"  # what the store calls models/
+    app_env = env_vars(r.one("ContainerApp"))
+    assert app_env["HF_HUB_CACHE"]["value"] == "/mnt/store/models" and app_env["HF_HUB_OFFLINE"]["value"] == "1"
+    assert all(m["mountPath"] == contract.STORE_MOUNT_PATH and "subPath" not in m
+               for res in (r.one("Job"), r.one("ContainerApp")) for m in container(res)["volumeMounts"])
+
+
+def test_guard_aca_1511_gpu_jobs_retry_by_default(offline):
+    """ACA#1511: GPU job replicas fail spuriously before start; the default retry limit is 1, not 0."""
+    assert offline.render(settings_with()).one("Job").get("configuration.replicaRetryLimit") == 1
+
+
+# --- inference app -------------------------------------------------------------------------------------------
+def test_inference_app_ingress_scale_and_mount(offline):
+    r = offline.render(settings_with(inference={
+        "maxReplicas": 3, "concurrentRequests": 6, "cooldownSeconds": 700,
+        "ipAllowList": [{"name": "corp", "cidr": "203.0.113.0/24"}]}))
+    a = r.one("ContainerApp")
+    ing = a.get("configuration.ingress")
+    assert ing["external"] is True and ing["allowInsecure"] is False and ing["targetPort"] == 8000
+    assert ing["ipSecurityRestrictions"] == [{"name": "corp", "ipAddressRange": "203.0.113.0/24", "action": "Allow"}]
+    scale = a.get("template.scale")
+    assert (scale["minReplicas"], scale["maxReplicas"], scale["cooldownPeriod"]) == (0, 3, 700)
+    assert scale["rules"] == [{"name": "http-concurrency", "http": {"metadata": {"concurrentRequests": "6"}}}]
+    assert len(a.get("template.containers")) == 1  # serverless GPU: only the first container gets the GPU
+    c = container(a)
+    assert c["args"] == ["serve", "--store", "/mnt/store", "--host", "0.0.0.0", "--port", "8000"]
+    assert c["resources"] == {"cpu": 8, "memory": "56Gi"} and a.get("workloadProfileName") == "gpu-t4"
+    assert env_vars(a)["LORASTACK_API_KEYS"] == {"name": "LORASTACK_API_KEYS", "secretRef": "api-keys"}
+    assert a.get("template.volumes")[0]["storageName"] == "store-ro-k1"  # the ReadOnly link
+
+
+def test_guard_startup_probe_sized_for_model_load(offline):
+    """The AI Toolkit probes `/` with a ~160 s startup window; a several-minute model load needs more."""
+    r = offline.render(settings_with())  # modelLoadSeconds defaults to 600
+    probes = {p["type"]: p for p in container(r.one("ContainerApp"))["probes"]}
+    s = probes["Startup"]
+    assert s["initialDelaySeconds"] + s["periodSeconds"] * s["failureThreshold"] >= 600
+    assert s["httpGet"] == {"path": "/healthz", "port": 8000, "scheme": "HTTP"}
+    assert probes["Readiness"]["httpGet"]["path"] == "/readyz"
+    assert probes["Liveness"]["httpGet"]["path"] == "/healthz"
+
+
+def test_entra_sign_in(offline):
+    r = offline.render(settings_with(inference={"entraAuth": {
+        "clientId": "22222222-2222-2222-2222-222222222222", "tenantId": "11111111-1111-1111-1111-111111111111"}}))
+    auth = r.one("ContainerAppsAuthConfig")
+    assert auth.get("platform.enabled") is True
+    assert auth.get("globalValidation.unauthenticatedClientAction") == "Return401"
+    assert "/healthz" in auth.get("globalValidation.excludedPaths")
+    aad = auth.get("identityProviders.azureActiveDirectory")
+    assert aad["registration"]["openIdIssuer"] == "https://login.microsoftonline.com/11111111-1111-1111-1111-111111111111/v2.0"
+    assert container(r.one("ContainerApp"))["args"][-1] == "--trust-easy-auth"  # the UI reads Easy Auth headers
+    plain = offline.render(settings_with())
+    assert not plain.by_type("ContainerAppsAuthConfig")
+    assert "--trust-easy-auth" not in container(plain.one("ContainerApp"))["args"]
+
+
+# --- structure, outputs, secrets -----------------------------------------------------------------------------
+def test_children_are_parented_to_their_components(offline):
+    r = offline.render(settings_with())
+    parents = {x.name: r.resources[[y.urn for y in r.resources].index(x.parent)].name if x.parent in
+               [y.urn for y in r.resources] else None for x in r.resources}
+    assert parents["platform-env"] == "platform" and parents["platform-logs"] == "platform"
+    assert parents["store-account"] == "store" and parents["identity-vault"] == "identity"
+    assert parents["training-job"] == "training" and parents["inference-app"] == "inference"
+
+
+def test_outputs_map_to_ai_toolkit_keys_and_hold_no_secret(offline):
+    r = offline.render(settings_with())
+    assert set(r.outputs) == set(OUTPUTS)
+    assert not r.secret_outputs
+    flat = " ".join(str(v) for v in r.outputs.values())
+    assert "hf_test_token_value" not in flat and "mock-key-1" not in flat and "key-one" not in flat
+    cfg = ai_toolkit_configs(r.outputs)
+    assert cfg["finetuning.config.json"] == {
+        "SUBSCRIPTION_ID": "00000000-0000-0000-0000-000000000000", "RESOURCE_GROUP_NAME": "rg-lorastack-unit",
+        "STORAGE_ACCOUNT_NAME": r.outputs["storageAccountName"], "FILE_SHARE_NAME": "store",
+        "ACA_JOB_NAME": "lorastack-unit-train"}
+    assert cfg["inference.config.json"]["ACA_APP_ENDPOINT"] == (
+        "https://lorastack-unit-serve.mock.westus3.azurecontainerapps.io")
+    assert r.outputs["storeMountPath"] == "/mnt/store"
+
+
+def test_guard_pan_1693_listed_keys_and_log_key_never_plain(offline):
+    """PAN#1693 / pulumi/examples#1651: listed keys are not secret by themselves; the Log Analytics key is not
+    read at all (azure-monitor destination), the storage key only ever travels inside a secret."""
+    r = offline.render(settings_with())
+    assert not [c for c in r.mocks.calls if c.token.endswith("getSharedKeys")]
+    for res in r.resources:
+        if "mock-key-1==" in repr(res.inputs):
+            assert res.secret_paths, res.name
+
+
+def test_settings_error_stops_before_any_resource(offline):
+    import pulumi
+
+    with pytest.raises(pulumi.RunError, match="lorastack:inference.gpuProfile: 'T4' is not a GPU profile type"):
+        offline.render(settings_with(inference={"gpuProfile": "T4"}))
+
+
+def test_protect_follows_settings(offline):
+    r = offline.render(settings_with(protect=True))
+    protected = {x.type.split(":")[-1] for x in r.resources if x.protect}
+    assert protected == {"ResourceGroup", "ManagedEnvironment", "StorageAccount", "FileShare", "Vault"}
+    assert not any(x.protect for x in offline.render(settings_with()).resources)
