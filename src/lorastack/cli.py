@@ -16,6 +16,7 @@ HANDLERS = {
     "validate": "lorastack.data:validate_command",
     "finetune": "lorastack.trainer:finetune_command",
     "train": "lorastack.trainer:train_command",
+    "status": "lorastack.cloud:status_command",
     "serve": "lorastack.serve.server:serve_command",
     "demo": "lorastack.demo:demo_command",
     "plan": "provisioning.plan:plan_command",
@@ -28,6 +29,14 @@ def _store_arg(p: argparse.ArgumentParser) -> None:
         "--store",
         metavar="DIR",
         help="adapter store directory (default: $LORASTACK_STORE or ./.lorastack/store)",
+    )
+
+
+def _outputs_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--outputs",
+        metavar="FILE",
+        help="cloud: stack outputs JSON (`pulumi stack output --json > FILE`; default: $LORASTACK_OUTPUTS)",
     )
 
 
@@ -67,10 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, metavar="N", help="override training.max_steps")
     p.add_argument("--epochs", type=float, metavar="N", help="override training.epochs")
     p.add_argument("--time-budget", metavar="DURATION", help="override time_budget (e.g. 30m, 2h)")
+    _outputs_arg(p)
+    p.add_argument("--wait", action="store_true", help="cloud: follow the run until it ends (progress lines)")
 
     p = sub.add_parser("train", help="run a prepared run from the store (the training image's entrypoint)")
     _store_arg(p)
     p.add_argument("--run", required=True, metavar="RUN_ID", help="run id under <store>/runs/")
+
+    p = sub.add_parser("status", help="cloud: a run's status on the Azure store, or every run and adapter")
+    p.add_argument("run_id", nargs="?", metavar="RUN_ID", help="run id printed by `lorastack finetune`")
+    _outputs_arg(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("serve", help="serve every adapter in the store (OpenAI-compatible API + chat UI)")
     p.add_argument("--local", action="store_true", help="run on this machine (no Azure)")
@@ -129,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         handler = getattr(importlib.import_module(module_name), func_name)
     except ModuleNotFoundError as exc:
-        extra = {"validate": "train", "finetune": "train", "train": "train", "serve": "serve", "demo": "all"}.get(key, "infra")
+        extra = {"validate": "train", "finetune": "train", "train": "train", "serve": "serve", "demo": "all", "status": "cloud"}.get(key, "infra")
         print(
             f"lorastack {args.command}: missing dependency {exc.name!r}; install it with "
             f"`pip install 'lorastack[{extra}]'`",
