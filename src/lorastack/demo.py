@@ -43,10 +43,12 @@ def choose_base_model(store: Store, examples: Path) -> tuple[str, dict, str]:
 
     model_dir = store.models_dir / TINY_MODEL_DIR
     if not (model_dir / "config.json").is_file():
-        texts = [line for f in sorted(examples.glob("*.jsonl")) for line in f.read_text(encoding="utf-8").splitlines()]
-        build_tiny_model(model_dir, arch="llama", extra_texts=texts, hidden_size=128, num_layers=2)
-    # A randomly initialised model has everything to learn: more steps, a higher learning rate.
-    overrides = {"training": {"max_steps": 80, "learning_rate": 3e-3}, "max_seq_len": 512}
+        print("      building the tiny model (tokenizer + a short plain-text pre-training on the sample's words)")
+        build_tiny_model(
+            model_dir, arch="llama", extra_texts=_plain_texts(examples), hidden_size=128, pretrain_steps=200
+        )
+    # A tiny model has a lot to learn from LoRA alone: more steps and a higher learning rate than a real one.
+    overrides = {"training": {"max_steps": 80, "learning_rate": 3e-3, "eval_steps": 40}, "max_seq_len": 512}
     return (
         str(model_dir),
         overrides,
@@ -54,6 +56,20 @@ def choose_base_model(store: Store, examples: Path) -> tuple[str, dict, str]:
         f"({model_dir}): the pipeline is real (4-bit QLoRA, store, OpenAI API), but the answers are only "
         "as good as a 2-layer random model trained for a minute",
     )
+
+
+def _plain_texts(examples: Path) -> list[str]:
+    """The user and assistant sentences of the sample data (no chat format: that is what LoRA teaches)."""
+    import json
+
+    return [
+        m["content"]
+        for f in sorted(examples.glob("*-train.jsonl"))
+        for line in f.read_text(encoding="utf-8").splitlines()
+        if line.strip()
+        for m in json.loads(line)["messages"]
+        if m["role"] in ("user", "assistant")
+    ]
 
 
 def demo_command(args: argparse.Namespace) -> int:

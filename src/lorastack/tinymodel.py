@@ -74,11 +74,14 @@ def build_tiny_model(
     num_layers: int = 2,
     max_positions: int = 1024,
     seed: int = 0,
+    pretrain_steps: int = 0,
 ) -> Path:
     """Write a tokenizer (with its chat template) and a randomly initialised model to ``out_dir``.
 
     ``extra_texts`` are added to the tokenizer's training corpus (e.g. the fine-tuning data) so that
-    examples tokenize to realistic lengths. Deterministic for a given seed and corpus.
+    examples tokenize to realistic lengths. With ``pretrain_steps`` the whole model is first trained as a
+    plain language model on the corpus, so it "knows" the words (the demo uses this; tests don't need
+    it). Deterministic for a given seed and corpus.
     """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -135,5 +138,29 @@ def build_tiny_model(
         {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(sp["end_of_turn"])}
     )
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if pretrain_steps:
+        _pretrain(model, tokenizer, [*_CORPUS, *extra_texts], pretrain_steps, seed)
     model.save_pretrained(out)
     return out
+
+
+def _pretrain(model, tokenizer, texts: list[str], steps: int, seed: int, block: int = 64, batch: int = 16) -> None:
+    """Full-parameter causal-LM training on random windows of the concatenated texts (plain text, no chat)."""
+    import torch
+
+    ids: list[int] = []
+    for text in texts:
+        ids += [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]
+    data = torch.tensor(ids)
+    if len(data) <= block + 1:
+        data = data.repeat(block // max(len(data), 1) + 2)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        starts = torch.randint(0, len(data) - block - 1, (batch,), generator=gen)
+        x = torch.stack([data[s : s + block] for s in starts])
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
