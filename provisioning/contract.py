@@ -1,7 +1,9 @@
 """What the provisioned Job and App promise the images (and what the images promise back). Pure constants.
 
-The trainer image's entrypoint runs ``lorastack train --store $LORASTACK_STORE --run $LORASTACK_RUN_ID`` (the run
-id is set per execution: env LORASTACK_RUN_ID, or args ``--run <id>``); the Job keeps that entrypoint. The
+The trainer image's entrypoint runs ``lorastack train --store $LORASTACK_STORE``; the Job keeps that entrypoint and
+starts executions without a template override (an override replaces the whole container template). Such an
+execution claims the oldest run that ``lorastack finetune`` queued on the store (``--run next``); LORASTACK_RUN_ID or
+``--run <id>`` pin a run instead. The
 inference image runs ``lorastack serve --store <mount> --host 0.0.0.0 --port 8000``, reads API keys from
 LORASTACK_API_KEYS (comma-separated) and the Hugging Face token from HF_TOKEN, and answers /healthz (process alive)
 and /readyz (model loaded) on port 8000. Both see the store at /mnt/store; the Hugging Face hub cache is the

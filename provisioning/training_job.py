@@ -37,7 +37,7 @@ class TrainingJob(pulumi.ComponentResource):
     """A manually triggered Job on the training GPU profile, with the store mounted read-write at /mnt/store.
 
     HF_HOME/HF_HUB_CACHE point at the share: the replica's ephemeral disk is 8 GiB, GPU profiles included,
-    which a base model does not fit. The image's entrypoint is kept; executions pass LORASTACK_RUN_ID. The HF token is a Key Vault reference read with the user-assigned identity.
+    which a base model does not fit. The image's entrypoint is kept; an execution trains the oldest run queued on the store. The HF token is a Key Vault reference read with the user-assigned identity.
     """
 
     job_name: pulumi.Output[str]
@@ -71,8 +71,8 @@ class TrainingJob(pulumi.ComponentResource):
                 containers=[app.ContainerArgs(
                     name="trainer",
                     image=args.image,
-                    # no command/args: the image's entrypoint runs `lorastack train`; each execution passes its
-                    # run id (env LORASTACK_RUN_ID or args --run), so a start without one fails fast
+                    # no command/args: the image's entrypoint runs `lorastack train`, which claims the oldest run
+                    # `lorastack finetune` queued on the store (starts need no override, which would drop mounts)
                     resources=app.ContainerResourcesArgs(cpu=args.cpu, memory=args.memory),
                     env=[
                         app.EnvironmentVarArgs(name=contract.ENV_HF_TOKEN, secret_ref=contract.SECRET_HF_TOKEN),

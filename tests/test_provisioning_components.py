@@ -173,7 +173,7 @@ def test_training_job_inputs(offline):
     assert job.get("workloadProfileName") == "gpu-a100"
     c = container(job)
     assert c["image"] == "ghcr.io/lorastack/trainer:0.1.0"
-    # the image's entrypoint (`lorastack train --store $LORASTACK_STORE --run $LORASTACK_RUN_ID`) is kept
+    # the image's entrypoint (`lorastack train --store $LORASTACK_STORE`, claiming the next queued run) is kept
     assert "command" not in c and "args" not in c
     assert env_vars(job)["LORASTACK_STORE"]["value"] == "/mnt/store"
     assert c["resources"] == {"cpu": 24, "memory": "220Gi"}

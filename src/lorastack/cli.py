@@ -81,7 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="run a prepared run from the store (the training image's entrypoint)")
     _store_arg(p)
-    p.add_argument("--run", required=True, metavar="RUN_ID", help="run id under <store>/runs/")
+    p.add_argument(
+        "--run",
+        metavar="RUN_ID",
+        help="run id under <store>/runs/, or 'next' to claim the oldest queued run "
+        "(default: $LORASTACK_RUN_ID, else 'next', which is what the Azure job does)",
+    )
 
     p = sub.add_parser("status", help="cloud: a run's status on the Azure store, or every run and adapter")
     p.add_argument("run_id", nargs="?", metavar="RUN_ID", help="run id printed by `lorastack finetune`")

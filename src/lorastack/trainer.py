@@ -134,6 +134,7 @@ def train_command(args: argparse.Namespace) -> int:
     started = time.monotonic()
     _setup_logging()
     store = open_store(args.store)
+    args.run = args.run or os.environ.get("LORASTACK_RUN_ID") or NEXT_RUN
     if args.run == NEXT_RUN:
         # Cloud submissions are queued on the store (lorastack.cloud); the job execution claims the oldest.
         # A replica retried within the same execution gets its own run back, and resumes it.
