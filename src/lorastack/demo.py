@@ -54,7 +54,7 @@ def choose_base_model(store: Store, examples: Path) -> tuple[str, dict, str]:
         overrides,
         "no model hub is reachable from this machine, so the demo uses a TINY MODEL GENERATED HERE "
         f"({model_dir}): the pipeline is real (4-bit QLoRA, store, OpenAI API), but the answers are only "
-        "as good as a 2-layer random model trained for a minute",
+        "as good as a 2-layer model pre-trained for seconds on the sample's sentences",
     )
 
 
@@ -125,10 +125,10 @@ Serving {name} on {url} (Ctrl-C to stop)
 
   curl {url}/v1/chat/completions \\
     -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \\
-    -d '{{"model": "{name}", "messages": [{{"role": "user", "content": "How often should I water a snake plant?"}}]}}'
+    -d '{{"model": "{name}", "temperature": 0, "messages": [{{"role": "user", "content": "How often should I water a snake plant?"}}]}}'
 
   python -c "from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='{key}'); \\
-print(c.chat.completions.create(model='{name}', messages=[{{'role': 'user', 'content': 'My fern has brown tips. Why?'}}]).choices[0].message.content)"
+print(c.chat.completions.create(model='{name}', temperature=0, messages=[{{'role': 'user', 'content': 'My fern has brown tips. Why?'}}]).choices[0].message.content)"
 """,
         flush=True,
     )
