@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from lorastack import trainer
+from lorastack.packing import PackedCollator, pack_rows
 from lorastack.store import COMPLETE, Store, StoreError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -417,9 +418,9 @@ def test_packed_logits_match_each_example_alone(tiny_llama):
     ]
     rows = [{"input_ids": s, "labels": s} for s in seqs]
     # The exact batch the trainer feeds: best-fit-decreasing packing into rows of 64, then the collator.
-    packed = trainer.pack_rows(rows, 64)
+    packed = pack_rows(rows, 64)
     assert len(packed) == 2 and sorted(n for r in packed for n in r["seq_lengths"]) == sorted(map(len, seqs))
-    batch = trainer.PackedCollator(pad_token_id=0)(packed)
+    batch = PackedCollator(pad_token_id=0)(packed)
     assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 2
     assert int(batch.pop("num_real_tokens")) == sum(map(len, seqs))
     with torch.no_grad():

@@ -733,7 +733,7 @@ def submit_command(
     leaves them unset (DefaultAzureCredential, real HTTP).
     """
     from lorastack.spec import spec_overrides_from_args
-    from lorastack.trainer import TrainerError, _is_user_error
+    from lorastack.trainer import is_user_error
 
     outputs_arg = getattr(args, "outputs", None)
     try:
@@ -747,11 +747,11 @@ def submit_command(
         )
     except ImportError as exc:
         return _missing_sdk("finetune", exc)
-    except (CloudError, TrainerError) as exc:
+    except CloudError as exc:
         _err(f"lorastack finetune: {exc}")
         return EXIT_FAILED
     except Exception as exc:
-        if _is_user_error(exc):
+        if is_user_error(exc):
             _err(f"lorastack finetune: {exc}")
             return EXIT_FAILED
         raise

@@ -473,16 +473,6 @@ def validate_file(
     return report
 
 
-def load_tokenizer(base_model: str, revision: str | None = None) -> Any:
-    """The base model's tokenizer (a hub id or a local directory), which must have a chat template."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(base_model, revision=revision)
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"{base_model}: the tokenizer has no chat template; use an instruct/chat model")
-    return tokenizer
-
-
 def validate_files(
     files: Iterable[str | os.PathLike[str]],
     validation_files: Iterable[str | os.PathLike[str]] = (),
@@ -552,6 +542,8 @@ def validate_command(args: Any) -> int:
     """``lorastack validate``: 0 if every file passes, 1 if any has an error, 2 if the tokenizer cannot load."""
     tokenizer = None
     if getattr(args, "base_model", None):
+        from lorastack.models import load_tokenizer
+
         try:
             tokenizer = load_tokenizer(args.base_model)
         except Exception as exc:  # noqa: BLE001 (hub, offline, template and file errors all end here)

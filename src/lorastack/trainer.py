@@ -10,14 +10,11 @@ One run, start to finish:
 2. Tokenizer first: the datasets are re-checked against the base model's tokenizer and context length,
    then turned into ``input_ids`` + ``labels`` by :func:`lorastack.chat.encode_chat` (the model's own
    chat template; loss on assistant tokens only, end-of-turn included, ``weight: 0`` turns excluded).
-3. The base model is loaded in 4-bit NF4 with double quantization (bitsandbytes), prepared for k-bit
+3. The base model is loaded in 4-bit NF4 with double quantization (lorastack.models), prepared for k-bit
    training with non-reentrant gradient checkpointing, and wrapped in a LoRA adapter (PEFT).
 4. TRL's ``SFTTrainer`` trains on the pre-tokenized data (TRL keeps a ``labels`` column as is). With
-   ``packing``, examples are packed best-fit-decreasing into rows of ``max_seq_len`` (:func:`pack_rows`);
-   :class:`PackedCollator` restarts ``position_ids`` at every example and passes no attention mask, from
-   which transformers builds a block-diagonal causal mask per row, so examples never attend to each other.
-   (TRL's own padding-free packing flattens the whole micro-batch into one row, which under SDPA costs
-   (batch x max_len)^2 attention instead of batch x max_len^2.)
+   ``packing``, examples are packed into rows of ``max_seq_len`` that never attend to each other
+   (lorastack.packing).
    ``lorastack train --run next`` claims the oldest run queued on the store (cloud submissions).
 5. Preemption safety: checkpoints every ``save_every_minutes`` and on SIGTERM/SIGINT (the signal handler
    only sets a flag; a callback saves and stops at the next step end). A checkpoint is trusted only once
@@ -51,12 +48,17 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from lorastack import models
+from lorastack.packing import PackedCollator, pack_rows
 from lorastack.progress import RunReporter, utc_now
 from lorastack.store import COMPLETE, Store, StoreError, open_store, write_bytes_atomic, write_json_atomic
+
+if TYPE_CHECKING:
+    from lorastack.spec import RunSpec
 
 log = logging.getLogger("lorastack.trainer")
 
@@ -110,11 +112,8 @@ def finetune_command(args: argparse.Namespace) -> int:
         from lorastack.spec import spec_overrides_from_args
 
         run_id = prepare_run(store, args.spec, spec_overrides_from_args(args))
-    except TrainerError as exc:
-        print(f"lorastack finetune: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except Exception as exc:  # spec errors from lorastack.spec carry their own file/key message
-        if _is_user_error(exc):
+    except Exception as exc:
+        if is_user_error(exc):
             print(f"lorastack finetune: {exc}", file=sys.stderr)
             return EXIT_FAILED
         raise
@@ -164,26 +163,19 @@ def _setup_logging() -> None:
         log.propagate = False
 
 
-def _is_user_error(exc: Exception) -> bool:
-    """Errors that describe bad input (spec file, overrides), printed without a traceback."""
+def is_user_error(exc: Exception) -> bool:
+    """Errors that describe bad input (spec file, overrides, data), printed without a traceback.
+
+    Spec errors from lorastack.spec carry their own file/key message; TrainerError says what to do.
+    """
     from lorastack.spec import SpecError
 
-    return isinstance(exc, (SpecError, StoreError, FileNotFoundError))
+    return isinstance(exc, (TrainerError, SpecError, StoreError, FileNotFoundError))
 
 
 # ---------------------------------------------------------------------------------------------------
 # Preparing a run: spec + datasets into the store
 # ---------------------------------------------------------------------------------------------------
-def run_id_for(spec: Any) -> str:
-    """``<name>-<fingerprint[:12]>``: the same spec and data always map to the same run (and resume it)."""
-    return spec.run_id()
-
-
-def _dataset_paths(spec: Any) -> dict[str, Path]:
-    """{"training": path, "validation": path} for the datasets the spec names (validation optional)."""
-    return {role: Path(p) for role, p in spec.data_files().items()}
-
-
 def validate_datasets(
     paths: dict[str, Path], tokenizer: Any = None, max_seq_len: int | None = None
 ) -> list[str]:
@@ -224,15 +216,16 @@ def prepare_run(store: Store, spec_path: str | os.PathLike[str], overrides: Any 
     from lorastack.spec import load_spec
 
     spec = load_spec(spec_path, overrides)
-    run_id = run_id_for(spec)
+    # <name>-<fingerprint[:12]>: the same spec and data always map to the same run (and resume it).
+    run_id = spec.run_id()
     reporter = RunReporter(store, run_id)
     reporter.update("validating", message=f"checking {spec_path} and its datasets")
-    paths = _dataset_paths(spec)
+    paths = {role: Path(p) for role, p in spec.data_files().items()}
     try:
         for warning in validate_datasets(paths):
             log.warning("%s", warning)
     except DatasetError as exc:
-        reporter.update("failed", error=str(exc), finished_at=utc_now())
+        _fail(reporter, str(exc))
         raise
     shas = {role: store.put_dataset(path)[0] for role, path in paths.items()}
     doc = {**spec.resolved_dict(), "run_id": run_id, "dataset_sha256": shas}
@@ -245,34 +238,21 @@ def prepare_run(store: Store, spec_path: str | os.PathLike[str], overrides: Any 
                 f"({_describe_diff(old, doc)}); its checkpoints will not be resumed with other settings. "
                 "Give the job a new `name`, or delete that run directory to start over."
             )
-            reporter.update("failed", error=str(err), finished_at=utc_now())
+            _fail(reporter, str(err))
             raise err
     write_bytes_atomic(spec_file, yaml.safe_dump(doc, sort_keys=False).encode("utf-8"))
     return run_id
 
 
-# ---------------------------------------------------------------------------------------------------
-# Spec access (the spec model lives in lorastack.spec; these helpers only read it)
-# ---------------------------------------------------------------------------------------------------
-def _spec_get(spec: Any, dotted: str, default: Any = ...) -> Any:
-    obj = spec
-    for part in dotted.split("."):
-        if isinstance(obj, dict):
-            if part not in obj:
-                if default is ...:
-                    raise KeyError(dotted)
-                return default
-            obj = obj[part]
-        else:
-            if not hasattr(obj, part):
-                if default is ...:
-                    raise KeyError(dotted)
-                return default
-            obj = getattr(obj, part)
-    return obj
+def _fail(reporter: RunReporter, error: str) -> None:
+    """Record a failed attempt in status.json."""
+    reporter.update("failed", error=error, finished_at=utc_now())
 
 
-def load_run_spec(store: Store, run_id: str) -> tuple[Any, dict[str, Any]]:
+# ---------------------------------------------------------------------------------------------------
+# The prepared run's spec, and what must match to resume it
+# ---------------------------------------------------------------------------------------------------
+def load_run_spec(store: Store, run_id: str) -> tuple[RunSpec, dict[str, Any]]:
     """(RunSpec, the spec.yaml document) of a prepared run."""
     from lorastack.spec import RunSpec
 
@@ -364,118 +344,50 @@ def check_resumable(checkpoint: Path, doc: dict[str, Any]) -> None:
         )
 
 
+def _rotate_checkpoints(store: Store, run_id: str, keep: int | None) -> None:
+    """Keep the newest ``keep`` complete checkpoints (called only after the newest one is marked)."""
+    if not keep:
+        return
+    for _, path in store.complete_checkpoints(run_id)[:-keep]:
+        # Unmark first so a reader never sees a COMPLETE marker on a half-deleted directory.
+        (path / COMPLETE).unlink(missing_ok=True)
+        shutil.rmtree(path, ignore_errors=True)
+
+
 # ---------------------------------------------------------------------------------------------------
-# Model and tokenizer loading
+# Model and tokenizer: the run spec's settings, loaded by lorastack.models
 # ---------------------------------------------------------------------------------------------------
-def _model_source(spec: Any, store: Store) -> tuple[str, dict[str, Any], str]:
-    """(name or path, from_pretrained kwargs, a description of where it is looked for)."""
-    base = str(spec.base_model)
-    local = Path(base).expanduser()
-    if local.is_dir():
-        return str(local), {}, f"local directory {local}"
-    if base.startswith((".", "/", "~")):
-        raise TrainerError(f"base_model {base!r} looks like a path, but there is no such directory")
-    kwargs: dict[str, Any] = {}
-    revision = _spec_get(spec, "base_revision", None)
-    if revision:
-        kwargs["revision"] = revision
-    if os.environ.get("HF_TOKEN"):
-        kwargs["token"] = os.environ["HF_TOKEN"]  # passed through, never logged or stored
-    if os.environ.get("HF_HOME") or os.environ.get("HF_HUB_CACHE"):
-        where = f"the Hugging Face cache ({os.environ.get('HF_HUB_CACHE') or os.environ['HF_HOME']})"
-    else:
-        kwargs["cache_dir"] = str(store.models_dir)
-        where = f"the store's model cache ({store.models_dir})"
-    return base, kwargs, where
-
-
-def _load_error(base: str, where: str, exc: Exception) -> TrainerError:
-    offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True") or os.environ.get(
-        "TRANSFORMERS_OFFLINE"
-    ) in (
-        "1",
-        "true",
-        "True",
-    )
-    hub = (
-        "the hub is switched off (HF_HUB_OFFLINE=1)"
-        if offline
-        else "the Hugging Face Hub could not provide it"
-    )
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return TrainerError(
-        f"cannot load base model {base!r}: not found in {where}, and {hub} ({first}). "
-        "Either download it once with network access (e.g. `huggingface-cli download "
-        f"{base}` with HF_HOME pointing at the cache; gated models need HF_TOKEN), or set base_model "
-        "to a local directory holding the model."
-    )
-
-
-def load_tokenizer(spec: Any, store: Store) -> Any:
-    """The base model's tokenizer, which must carry a chat template."""
-    from transformers import AutoTokenizer
-
-    base, kwargs, where = _model_source(spec, store)
+def load_tokenizer(spec: RunSpec, store: Store) -> Any:
+    """The base model's tokenizer (it must carry a chat template), padding with eos if it has no pad token."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(base, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise _load_error(base, where, exc) from None
-    if not getattr(tokenizer, "chat_template", None):
-        raise TrainerError(
-            f"base model {base!r} has no chat template in its tokenizer; lorastack trains with the model's "
-            "own chat template, so use an instruct/chat model (or add chat_template.jinja to the model dir)"
+        tokenizer = models.load_tokenizer(
+            spec.base_model, spec.base_revision, models.hub_cache_dir(store.models_dir)
         )
+    except models.ModelLoadError as exc:
+        raise TrainerError(str(exc)) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def compute_dtype_for(spec: Any) -> Any:
-    """bf16 where the GPU supports it, fp16 on older GPUs (T4), fp32 on CPU unless the spec says otherwise."""
-    import torch
-
-    wanted = str(_spec_get(spec, "quantization.compute_dtype", "auto") or "auto")
-    if wanted not in ("auto", "", "None"):
-        return {
-            "bfloat16": torch.bfloat16,
-            "bf16": torch.bfloat16,
-            "float16": torch.float16,
-            "fp16": torch.float16,
-            "float32": torch.float32,
-            "fp32": torch.float32,
-        }[wanted]
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
 def load_base_model(
-    spec: Any, store: Store, *, quantize: bool = True, dtype: Any = None
+    spec: RunSpec, store: Store, *, quantize: bool = True, compute_dtype: str | None = None
 ) -> tuple[Any, str | None]:
-    """The base model (4-bit NF4 + double quant unless ``quantize`` is False) and its resolved revision."""
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    base, kwargs, where = _model_source(spec, store)
-    dtype = dtype or compute_dtype_for(spec)
-    load_kwargs: dict[str, Any] = dict(kwargs, dtype=dtype)
-    if quantize and bool(_spec_get(spec, "quantization.load_in_4bit", True)):
-        load_kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=str(_spec_get(spec, "quantization.quant_type", "nf4")),
-            bnb_4bit_use_double_quant=bool(_spec_get(spec, "quantization.double_quant", True)),
-            bnb_4bit_compute_dtype=dtype,
-        )
-    load_kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else "cpu"
+    """The base model as the spec says (4-bit NF4 + double quant unless ``quantize`` is False or the spec
+    says ``load_in_4bit: false``) and its resolved revision. ``compute_dtype`` overrides the spec's."""
+    q = spec.quantization
     try:
-        model = AutoModelForCausalLM.from_pretrained(base, **load_kwargs)
-    except (OSError, ValueError) as exc:
-        if "quantization" in str(exc).lower() or "bitsandbytes" in str(exc).lower():
-            raise
-        raise _load_error(base, where, exc) from None
-    # The commit actually loaded (hub); a local directory has no revision.
-    revision = getattr(model.config, "_commit_hash", None) or (kwargs.get("revision") if kwargs else None)
-    return model, revision
+        return models.load_base_model(
+            spec.base_model,
+            spec.base_revision,
+            models.hub_cache_dir(store.models_dir),
+            quantize=quantize and q.load_in_4bit,
+            quant_type=q.quant_type,
+            double_quant=q.double_quant,
+            compute_dtype=compute_dtype or q.compute_dtype,
+        )
+    except models.ModelLoadError as exc:
+        raise TrainerError(str(exc)) from None
 
 
 def non_embedding_params(model: Any) -> int:
@@ -483,8 +395,6 @@ def non_embedding_params(model: Any) -> int:
 
     4-bit weights are stored packed, so their logical size is read from the quantization state.
     """
-    import math as _m
-
     emb = model.get_input_embeddings()
     emb_ids = {id(p) for p in emb.parameters()} if emb is not None else set()
     total = 0
@@ -492,7 +402,7 @@ def non_embedding_params(model: Any) -> int:
         if id(p) in emb_ids or "lora_" in name:
             continue
         qs = getattr(p, "quant_state", None)
-        total += _m.prod(qs.shape) if qs is not None else p.numel()
+        total += math.prod(qs.shape) if qs is not None else p.numel()
     return int(total)
 
 
@@ -537,15 +447,54 @@ def encode_file(path: Path, tokenizer: Any, max_seq_len: int) -> EncodedData:
     return out
 
 
+def encode_datasets(
+    paths: dict[str, Path], tokenizer: Any, max_seq_len: int
+) -> tuple[EncodedData, EncodedData | None]:
+    """Check the datasets with the tokenizer, then encode them: (training, validation or None).
+
+    Logs what was dropped; raises DatasetError for invalid data, TrainerError if no training example is
+    left. A validation file with nothing to score is dropped (None), so the run trains without evaluation.
+    """
+    for warning in validate_datasets(paths, tokenizer=tokenizer, max_seq_len=max_seq_len):
+        log.warning("%s", warning)
+    train_data = encode_file(paths["training"], tokenizer, max_seq_len)
+    eval_data = encode_file(paths["validation"], tokenizer, max_seq_len) if "validation" in paths else None
+    if not train_data.rows:
+        raise TrainerError(
+            f"no training example is left to learn from: {train_data.dropped_answer_cut} have a final answer "
+            f"that does not fit in max_seq_len {max_seq_len}, {train_data.dropped_fully_masked} have no trained "
+            "assistant token; raise max_seq_len or fix the data"
+        )
+    if train_data.dropped_answer_cut:
+        log.warning(
+            "dropped %d training examples whose final answer does not fit in max_seq_len %d",
+            train_data.dropped_answer_cut,
+            max_seq_len,
+        )
+    if train_data.dropped_fully_masked:
+        log.warning(
+            "dropped %d training examples with no trained assistant token", train_data.dropped_fully_masked
+        )
+    log.info(
+        "train: %d examples, %d tokens (%d with loss)",
+        len(train_data.rows),
+        train_data.tokens,
+        train_data.loss_tokens,
+    )
+    if eval_data is not None and not eval_data.rows:
+        log.warning("the validation file has no assistant answer to score; training without evaluation")
+        eval_data = None
+    return train_data, eval_data
+
+
 # ---------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------
 @dataclass
 class StopFlags:
-    """Set by signal handlers and the time-budget check; read at each step end."""
+    """Set by the signal handlers; read at each step end."""
 
     signal_name: str | None = None
-    time_budget: bool = False
 
 
 @dataclass
@@ -582,6 +531,29 @@ class _SignalGuard:
             signal.signal(sig, handler)
 
 
+@dataclass
+class _Run:
+    """One attempt at a prepared run: its spec, where it reports, and how it is stopped and printed."""
+
+    store: Store
+    run_id: str
+    spec: RunSpec
+    doc: dict[str, Any]  # runs/<id>/spec.yaml
+    reporter: RunReporter
+    flags: StopFlags
+    started: float  # time.monotonic() when the process started (the time budget counts from there)
+    interactive: bool
+
+    def emit(self, line: str) -> None:
+        """A progress line: above the tqdm bar when interactive, else to the log."""
+        if self.interactive:
+            from tqdm.auto import tqdm
+
+            tqdm.write(line, file=sys.stderr)
+        else:
+            log.info("%s", line)
+
+
 def run_training(
     store: Store, run_id: str, *, started: float | None = None, interactive: bool = False
 ) -> Outcome:
@@ -596,114 +568,365 @@ def run_training(
     flags = StopFlags()
     try:
         with _SignalGuard(flags):
-            return _train(store, run_id, reporter, flags, started, interactive)
+            spec, doc = load_run_spec(store, run_id)
+            return _train(_Run(store, run_id, spec, doc, reporter, flags, started, interactive))
     except TrainerError as exc:
         log.error("%s", exc)
-        reporter.update("failed", error=str(exc), finished_at=utc_now())
+        _fail(reporter, str(exc))
         return Outcome("failed", EXIT_FAILED)
     except KeyboardInterrupt:
-        reporter.update("failed", error="interrupted (second Ctrl-C)", finished_at=utc_now())
+        _fail(reporter, "interrupted (second Ctrl-C)")
         raise
     except Exception as exc:
         log.exception("training failed")
-        reporter.update("failed", error=f"{type(exc).__name__}: {exc}", finished_at=utc_now())
+        _fail(reporter, f"{type(exc).__name__}: {exc}")
         return Outcome("failed", EXIT_FAILED)
 
 
-def _early_stop(reporter: RunReporter, flags: StopFlags) -> Outcome | None:
+def _early_stop(run: _Run) -> Outcome | None:
     """Before training starts: stop now if a signal arrived (nothing to checkpoint yet)."""
-    if flags.signal_name:
-        reporter.update(
+    if run.flags.signal_name:
+        run.reporter.update(
             "preempted",
-            message=f"stopped by {flags.signal_name} before training started",
+            message=f"stopped by {run.flags.signal_name} before training started",
             finished_at=utc_now(),
         )
         return Outcome("preempted", EXIT_PREEMPTED)
     return None
 
 
-def _train(
-    store: Store, run_id: str, reporter: RunReporter, flags: StopFlags, started: float, interactive: bool
-) -> Outcome:
-    spec, doc = load_run_spec(store, run_id)
-    shas: dict[str, str] = doc["dataset_sha256"]
-    name = str(spec.name)
-
-    # Already published by an earlier attempt (e.g. a job retry after the publish): nothing to do.
+def _already_published(run: _Run) -> Outcome | None:
+    """The run's adapter, if an earlier attempt published it (e.g. a job retry after the publish)."""
     with contextlib.suppress(StoreError):
-        published = store.adapter(name, verify=False)
-        if published.manifest.get("run_id") == run_id and not flags.signal_name:
-            log.info("run %s is already published as %s", run_id, published.ref)
-            reporter.update("succeeded", adapter=published.ref, finished_at=utc_now())
+        published = run.store.adapter(run.spec.name, verify=False)
+        if published.manifest.get("run_id") == run.run_id and not run.flags.signal_name:
+            log.info("run %s is already published as %s", run.run_id, published.ref)
+            run.reporter.update("succeeded", adapter=published.ref, finished_at=utc_now())
             return Outcome("succeeded", EXIT_OK, published.ref, published.manifest.get("metrics", {}))
+    return None
 
-    removed = remove_incomplete_checkpoints(store, run_id)
-    for path in removed:
+
+def _train(run: _Run) -> Outcome:
+    """Resume point, data, tokenizer and model for the run; then fit and publish."""
+    store, run_id, spec = run.store, run.run_id, run.spec
+    if done := _already_published(run):
+        return done
+
+    for path in remove_incomplete_checkpoints(store, run_id):
         log.info("removed incomplete checkpoint %s (its writer was stopped mid-save)", path.name)
     resume_from = store.latest_checkpoint(run_id)
     if resume_from is not None:
-        check_resumable(resume_from, doc)
+        check_resumable(resume_from, run.doc)
 
     # Token-level checks (over-long examples, a cut final answer) need the tokenizer, not the model.
-    reporter.update("validating", message=f"checking the datasets with the tokenizer of {spec.base_model}")
-    tokenizer = load_tokenizer(spec, store)
-    max_seq_len = int(_spec_get(spec, "max_seq_len"))
-    paths = {role: store.dataset_path(sha) for role, sha in shas.items()}
-    try:
-        for warning in validate_datasets(paths, tokenizer=tokenizer, max_seq_len=max_seq_len):
-            log.warning("%s", warning)
-    except DatasetError as exc:
-        raise TrainerError(str(exc)) from None
-    train_data = encode_file(paths["training"], tokenizer, max_seq_len)
-    eval_data = encode_file(paths["validation"], tokenizer, max_seq_len) if "validation" in paths else None
-    if not train_data.rows:
-        raise TrainerError(
-            f"no training example is left to learn from: {train_data.dropped_answer_cut} have a final answer "
-            f"that does not fit in max_seq_len {max_seq_len}, {train_data.dropped_fully_masked} have no trained "
-            "assistant token; raise max_seq_len or fix the data"
-        )
-    if train_data.dropped_answer_cut:
-        log.warning(
-            "dropped %d training examples whose final answer does not fit in max_seq_len %d",
-            train_data.dropped_answer_cut,
-            max_seq_len,
-        )
-    if train_data.dropped_fully_masked:
-        log.warning(
-            "dropped %d training examples with no trained assistant token", train_data.dropped_fully_masked
-        )
-    log.info(
-        "train: %d examples, %d tokens (%d with loss)",
-        len(train_data.rows),
-        train_data.tokens,
-        train_data.loss_tokens,
+    run.reporter.update(
+        "validating", message=f"checking the datasets with the tokenizer of {spec.base_model}"
     )
-    if eval_data is not None and not eval_data.rows:
-        log.warning("the validation file has no assistant answer to score; training without evaluation")
-        eval_data = None
-    if stop := _early_stop(reporter, flags):
+    tokenizer = load_tokenizer(spec, store)
+    paths = {role: store.dataset_path(sha) for role, sha in run.doc["dataset_sha256"].items()}
+    train_data, eval_data = encode_datasets(paths, tokenizer, spec.max_seq_len)
+    if stop := _early_stop(run):
         return stop
 
-    reporter.update("loading", message=f"loading {spec.base_model} in 4-bit")
+    run.reporter.update("loading", message=f"loading {spec.base_model} in 4-bit")
     model, revision = load_base_model(spec, store)
-    if stop := _early_stop(reporter, flags):
+    if stop := _early_stop(run):
         return stop
-    return _fit_and_publish(
-        store,
-        run_id,
-        spec,
-        doc,
-        reporter,
-        flags,
-        started,
-        interactive,
-        tokenizer,
-        model,
-        revision,
-        train_data,
-        eval_data,
-        resume_from,
+    return _fit_and_publish(run, tokenizer, model, revision, train_data, eval_data, resume_from)
+
+
+def _fit_and_publish(
+    run: _Run,
+    tokenizer: Any,
+    model: Any,
+    revision: str | None,
+    train_data: EncodedData,
+    eval_data: EncodedData | None,
+    resume_from: Path | None,
+) -> Outcome:
+    """Train to the end (or to a signal or the time budget), evaluate, publish; the Outcome says which."""
+    store, run_id, spec, reporter = run.store, run.run_id, run.spec, run.reporter
+    resumed_step = int(resume_from.name.split("-")[-1]) if resume_from else 0
+    if resume_from is not None:
+        reporter.truncate_after(resumed_step)
+        log.info("resuming from %s (step %d)", resume_from.name, resumed_step)
+    monitor = _RunMonitor(run, non_embedding_params(model), _peak_flops())
+    trainer = _build_run_trainer(run, monitor, model, tokenizer, train_data, eval_data)
+    reporter.update(
+        "training",
+        step=resumed_step,
+        resumed_from=resume_from.name if resume_from else None,
+        message=f"resumed from {resume_from.name}" if resume_from else None,
     )
+    t0 = time.monotonic()
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    metrics = monitor.metrics(wall=time.monotonic() - t0)
+    step = trainer.state.global_step
+    if monitor.stop_reason is not None:
+        return _stopped(run, monitor.stop_reason, step, metrics)
+    if eval_data and eval_data.rows:
+        monitor.final_eval = True  # recorded here as full_valid_*, not as a per-step valid_loss
+        metrics.update(_final_evaluation(run, trainer, step))
+
+    reporter.update("publishing", step=step, message="publishing the adapter")
+    adapter = publish(store, run_id, spec, run.doc, trainer.model, tokenizer, revision, metrics)
+    log.info("published adapter %s (%s)", adapter.ref, adapter.path)
+    merged = None
+    if spec.merge_16bit:
+        del trainer, model, monitor  # let the 4-bit training copy go before a 16-bit base is loaded
+        merged = merge_16bit(store, run_id, spec, adapter.path)
+        log.info("merged 16-bit model written to %s", merged)
+    reporter.update(
+        "succeeded",
+        step=step,
+        adapter=adapter.ref,
+        metrics=metrics,
+        merged=str(merged) if merged else None,
+        message=None,
+        finished_at=utc_now(),
+    )
+    return Outcome("succeeded", EXIT_OK, adapter.ref, metrics)
+
+
+def _build_run_trainer(
+    run: _Run,
+    monitor: _RunMonitor,
+    model: Any,
+    tokenizer: Any,
+    train_data: EncodedData,
+    eval_data: EncodedData | None,
+) -> Any:
+    """The SFT trainer for this run: checkpoints under runs/<id>/checkpoints, reporting to ``monitor``."""
+    ckpt_root = run.store.checkpoints_dir(run.run_id)
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    trainer = build_sft_trainer(
+        run.spec,
+        model,
+        tokenizer,
+        train_data.rows,
+        eval_data.rows if eval_data else None,
+        ckpt_root,
+        interactive=run.interactive,
+        callbacks=[monitor.trainer_callback()],
+    )
+    monitor.trainer = trainer
+    if run.interactive:
+        from transformers.trainer_callback import ProgressCallback
+
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(_quiet_progress_callback())
+    log.info(
+        "model: %s non-embedding params (6N = %.3g FLOP/token); device %s; packing %s",
+        f"{monitor.n_params:,}",
+        6 * monitor.n_params,
+        trainer.args.device,
+        run.spec.training.packing,
+    )
+    return trainer
+
+
+def _final_evaluation(run: _Run, trainer: Any, step: int) -> dict[str, Any]:
+    """Loss and token accuracy on the whole validation set after training (also in results.csv)."""
+    ev = trainer.evaluate()
+    result = {
+        "full_valid_loss": float(ev["eval_loss"]),
+        "full_valid_mean_token_accuracy": _f(ev.get("eval_mean_token_accuracy")),
+    }
+    run.reporter.record(step, **result)
+    return result
+
+
+def _stopped(run: _Run, reason: str, step: int, metrics: dict[str, Any]) -> Outcome:
+    """The run stopped itself with a checkpoint: on a signal (preempted) or before the time budget ran out."""
+    if reason == "signal":
+        phase, code, what = "preempted", EXIT_PREEMPTED, f"stopped by {run.flags.signal_name} at step {step}"
+    else:
+        phase, code, what = "stopped", EXIT_TIME_BUDGET, f"stopped: time budget (step {step})"
+    run.reporter.update(
+        phase, step=step, message=f"{what}; checkpoint saved, rerun to resume", finished_at=utc_now()
+    )
+    if reason == "time_budget":
+        log.info("stopped: time budget at step %d; rerun the same command to continue", step)
+    return Outcome(phase, code, metrics=metrics)
+
+
+class _RunMonitor:
+    """Watches the training loop: throughput, status.json and results.csv, and when to checkpoint or stop.
+
+    Checkpoints are saved on the time cadence (``save_every_minutes``), on a signal, and before the time
+    budget runs out; each is marked COMPLETE (trusted) only once whole, then old ones are rotated.
+    ``trainer_callback()`` forwards the transformers Trainer's events here.
+    """
+
+    def __init__(self, run: _Run, n_params: int, peak_flops: float | None):
+        t = run.spec.training
+        self.run = run
+        self.n_params = n_params
+        self.peak = peak_flops
+        self.budget = float(run.spec.time_budget) if run.spec.time_budget else None
+        self.save_every = t.save_every_minutes * 60
+        self.keep = t.save_total_limit
+        self.trainer: Any = None  # set once built; its token counters feed tokens/s
+        self.last_save = time.monotonic()
+        self.save_t0: float | None = None
+        self.save_s = 0.0  # how long the last checkpoint took to write
+        self.step_t0: float | None = None
+        self.max_step_s = 0.0
+        self.train_s = 0.0  # time spent inside training steps (not evaluation or saving)
+        self.stop_reason: str | None = None  # "signal" | "time_budget"
+        self.first_loss: float | None = None
+        self.last_loss: float | None = None
+        self.final_eval = False  # the closing full evaluation is recorded by the caller, not per step
+
+    def trainer_callback(self) -> Any:
+        """A transformers TrainerCallback that forwards the loop's events to this monitor."""
+        from transformers import TrainerCallback
+
+        monitor = self
+
+        class RunCallback(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):
+                monitor.step_began()
+
+            def on_step_end(self, args, state, control, **kw):
+                return monitor.step_ended(state, control)
+
+            def on_save(self, args, state, control, **kw):
+                monitor.saved(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+            def on_log(self, args, state, control, logs=None, **kw):
+                monitor.logged(state, logs or {})
+
+        return RunCallback()
+
+    def step_began(self) -> None:
+        self.step_t0 = time.monotonic()
+
+    def step_ended(self, state: Any, control: Any) -> Any:
+        """Time the step; ask for a checkpoint (and a stop) on a signal, the budget or the save cadence."""
+        now = time.monotonic()
+        if self.step_t0 is not None:
+            dt = now - self.step_t0
+            self.train_s += dt
+            self.max_step_s = max(self.max_step_s, dt)
+        if self.run.flags.signal_name:
+            self.stop_reason = "signal"
+            control.should_save = control.should_training_stop = True
+        elif self.budget is not None:
+            # Leave room for one more step, a checkpoint save and a margin before the budget ends.
+            reserve = 2 * self.max_step_s + max(self.save_s * 1.5, 1.0) + min(60.0, 0.05 * self.budget)
+            if now - self.run.started + reserve >= self.budget and state.global_step < state.max_steps:
+                self.stop_reason = "time_budget"
+                control.should_save = control.should_training_stop = True
+        if self.save_every and now - self.last_save >= self.save_every:
+            control.should_save = True
+        if control.should_save:
+            self.save_t0 = now
+        return control
+
+    def saved(self, ckpt: Path) -> None:
+        """A checkpoint was written: record what it was trained from, mark it COMPLETE, rotate old ones."""
+        run = self.run
+        if ckpt.is_dir():
+            write_json_atomic(
+                ckpt / IDENTITY_FILE, {"run_id": run.run_id, "spec": run.doc, "saved_at": utc_now()}
+            )
+            Store.mark_complete(ckpt)  # written last: from here on the checkpoint is trusted
+            _rotate_checkpoints(run.store, run.run_id, self.keep)
+        self.last_save = time.monotonic()
+        self.save_s = self.last_save - (self.save_t0 if self.save_t0 is not None else self.last_save)
+        run.reporter.update(checkpoint=ckpt.name, checkpoint_at=utc_now())
+
+    def tokens_per_s(self) -> float:
+        return self.trainer.trained_tokens / self.train_s if self.train_s > 0 else 0.0
+
+    def mfu(self, tokens_per_s: float) -> float | None:
+        """Model FLOPs utilisation (6N FLOPs per token) against the GPU's datasheet peak; None off GPU."""
+        return tokens_per_s * 6 * self.n_params / self.peak if self.peak else None
+
+    def logged(self, state: Any, logs: dict[str, Any]) -> None:
+        """A training or evaluation log: results.csv, status.json and a readable line."""
+        step = state.global_step
+        if "loss" in logs:
+            self._log_train(state, logs)
+        if "eval_loss" in logs and not self.final_eval:
+            reporter = self.run.reporter
+            reporter.record(
+                step,
+                valid_loss=float(logs["eval_loss"]),
+                validation_mean_token_accuracy=_f(logs.get("eval_mean_token_accuracy")),
+            )
+            reporter.update(valid_loss=float(logs["eval_loss"]))
+            self.run.emit(f"step {step} valid_loss {logs['eval_loss']:.4f}")
+
+    def _log_train(self, state: Any, logs: dict[str, Any]) -> None:
+        step, loss = state.global_step, float(logs["loss"])
+        toks = self.trainer.trained_tokens
+        tps = self.tokens_per_s()
+        mfu = self.mfu(tps)
+        self.last_loss = loss
+        if self.first_loss is None:
+            self.first_loss = loss
+        reporter = self.run.reporter
+        reporter.record(step, train_loss=loss, train_mean_token_accuracy=_f(logs.get("mean_token_accuracy")))
+        reporter.update(
+            "training",
+            step=step,
+            max_steps=state.max_steps,
+            epoch=_f(state.epoch),
+            loss=loss,
+            learning_rate=_f(logs.get("learning_rate")),
+            tokens_per_s=round(tps, 1),
+            mfu=round(mfu, 4) if mfu is not None else None,
+            trained_tokens=toks,
+            elapsed_s=round(time.monotonic() - self.run.started, 1),
+            message=None,
+        )
+        mfu_txt = f" MFU {mfu:.1%}" if mfu is not None else ""
+        self.run.emit(
+            f"step {step}/{state.max_steps} loss {logs['loss']:.4f} "
+            f"acc {logs.get('mean_token_accuracy', float('nan')):.3f} {tps:,.0f} tok/s{mfu_txt}"
+        )
+
+    def metrics(self, wall: float) -> dict[str, Any]:
+        """The run's metrics once ``trainer.train()`` returned (also logged)."""
+        tr = self.trainer
+        tps = tr.trained_tokens / self.train_s if self.train_s else 0.0
+        metrics = {
+            "global_step": tr.state.global_step,
+            "train_loss": self.last_loss,
+            "first_train_loss": self.first_loss,
+            "train_runtime_s": round(wall, 2),
+            "trained_tokens": tr.trained_tokens,
+            "loss_tokens": tr.loss_tokens,
+            "tokens_per_s": round(tps, 1),
+            "non_embedding_params": self.n_params,
+        }
+        if self.peak:
+            metrics["mfu"] = round(self.mfu(tps), 4)
+        log.info(
+            "trained %d tokens in %.1fs of steps: %.0f tok/s%s",
+            tr.trained_tokens,
+            self.train_s,
+            tps,
+            f", MFU {metrics['mfu']:.1%}" if self.peak else "",
+        )
+        return metrics
+
+
+def _quiet_progress_callback() -> Any:
+    """The tqdm bar without its dict dumps (the run monitor prints a readable line instead)."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class QuietProgress(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            return None
+
+    return QuietProgress()
+
+
+def _f(value: Any) -> float | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
 
 
 def _peak_flops() -> float | None:
@@ -719,7 +942,7 @@ def _peak_flops() -> float | None:
 
 
 def build_sft_trainer(
-    spec: Any,
+    spec: RunSpec,
     model: Any,
     tokenizer: Any,
     train_rows: list[dict],
@@ -728,87 +951,24 @@ def build_sft_trainer(
     *,
     interactive: bool = False,
     callbacks: list | None = None,
-    save_total_limit: int | None = None,
 ) -> Any:
     """A TRL SFTTrainer for a 4-bit base + LoRA on pre-tokenized rows (``input_ids`` + ``labels``)."""
     import torch
     from datasets import Dataset
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     # transformers 5 renames gradient_checkpointing* to activation_checkpointing* in v6; TRL/peft still
     # use the old names, so the FutureWarning is noise for our users.
     warnings.filterwarnings(
         "ignore", message=r".*gradient_checkpointing\w*` is deprecated", category=FutureWarning
     )
-    t = spec.training
-    gc = bool(_spec_get(t, "gradient_checkpointing", True))
-    gc_kwargs = {"use_reentrant": False}
-    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs=gc_kwargs
-        )
-    target = _spec_get(spec, "lora.target_modules", "all-linear")
-    lora = LoraConfig(
-        r=int(_spec_get(spec, "lora.r", 16)),
-        lora_alpha=int(_spec_get(spec, "lora.alpha", 32)),
-        lora_dropout=float(_spec_get(spec, "lora.dropout", 0.05)),
-        target_modules=target if isinstance(target, str) else list(target),
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(model, lora)
-    _keep_4bit_weights_trainable_on_cpu(model)
-
-    on_cuda = torch.cuda.is_available()
-    dtype = compute_dtype_for(spec)
-    max_steps = _spec_get(t, "max_steps", None)
-    epochs = _spec_get(t, "epochs", None)
-    eval_steps = _spec_get(t, "eval_steps", None)
+    model = _with_lora(model, spec)
     has_eval = bool(eval_rows)
-    packing = bool(_spec_get(t, "packing", False))
-    max_len = int(_spec_get(spec, "max_seq_len"))
-    config = SFTConfig(
-        output_dir=str(output_dir),
-        max_steps=int(max_steps) if max_steps else -1,
-        num_train_epochs=float(epochs) if epochs else 1.0,
-        learning_rate=float(_spec_get(t, "learning_rate", 2e-4)),
-        per_device_train_batch_size=int(_spec_get(t, "per_device_batch_size", 1)),
-        per_device_eval_batch_size=int(_spec_get(t, "per_device_batch_size", 1)),
-        gradient_accumulation_steps=int(_spec_get(t, "gradient_accumulation_steps", 1)),
-        warmup_steps=float(_spec_get(t, "warmup_ratio", 0.0) or 0.0),
-        lr_scheduler_type=str(_spec_get(t, "lr_scheduler", "linear")),
-        seed=int(_spec_get(t, "seed", 42)),
-        data_seed=int(_spec_get(t, "seed", 42)),
-        logging_steps=int(_spec_get(t, "logging_steps", 1) or 1),
-        # eval_steps null = once per epoch
-        eval_strategy=("steps" if eval_steps else "epoch") if has_eval else "no",
-        eval_steps=int(eval_steps) if has_eval and eval_steps else None,
-        # Saving is driven by the time cadence and signals (see _RunCallback), not by steps.
-        save_strategy="no",
-        save_total_limit=save_total_limit,
-        gradient_checkpointing=gc,
-        gradient_checkpointing_kwargs=gc_kwargs,
-        max_length=int(_spec_get(spec, "max_seq_len")),
-        # Packing is done here (pack_rows + PackedCollator), not by TRL: TRL's padding-free mode
-        # flattens the whole micro-batch into one row, so attention costs (batch * max_len)^2 under
-        # SDPA; keeping one packed row per batch item costs batch * max_len^2.
-        packing=False,
-        padding_free=False,
-        use_cpu=not on_cuda,
-        bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
-        optim="adamw_torch_fused" if on_cuda else "adamw_torch",
-        report_to="none",
-        disable_tqdm=not interactive,
-        dataloader_num_workers=0,
-        dataset_num_proc=None,
-        remove_unused_columns=True,
-    )
-    trainer_cls = _counting_trainer_class(SFTTrainer)
-    trainer = trainer_cls(
+    packing, max_len = spec.training.packing, spec.max_seq_len
+    dtype = models.compute_dtype(spec.quantization.compute_dtype)
+    trainer = _counting_trainer_class(SFTTrainer)(
         model=model,
-        args=config,
+        args=_sft_config(spec, output_dir, dtype, has_eval=has_eval, interactive=interactive),
         train_dataset=Dataset.from_list(pack_rows(train_rows, max_len) if packing else train_rows),
         eval_dataset=(
             Dataset.from_list(pack_rows(eval_rows, max_len) if packing else eval_rows) if has_eval else None
@@ -826,74 +986,76 @@ def build_sft_trainer(
     return trainer
 
 
-def pack_rows(rows: list[dict[str, list[int]]], max_len: int) -> list[dict[str, list[int]]]:
-    """Best-fit-decreasing packing of examples into rows of at most ``max_len`` tokens.
-
-    Each packed row keeps ``seq_lengths`` (the example lengths) so the collator can restart
-    ``position_ids`` at every example; the first label of each example is masked so no example learns
-    to predict across a boundary. Examples longer than ``max_len`` are cut (encode_chat already keeps
-    examples within max_seq_len).
-    """
-    import bisect
-
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))
-    bins: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # (free space, bin index), sorted
-    for i in order:
-        n = min(len(rows[i]["input_ids"]), max_len)
-        k = bisect.bisect_left(free, (n, -1))
-        if k < len(free):
-            space, b = free.pop(k)
-        else:
-            space, b = max_len, len(bins)
-            bins.append([])
-        bins[b].append(i)
-        if space - n > 0:
-            bisect.insort(free, (space - n, b))
-    packed = []
-    for members in bins:
-        ids: list[int] = []
-        labels: list[int] = []
-        lengths: list[int] = []
-        for i in members:
-            r_ids = rows[i]["input_ids"][:max_len]
-            r_labels = list(rows[i]["labels"][:max_len])
-            r_labels[0] = -100
-            ids += r_ids
-            labels += r_labels
-            lengths.append(len(r_ids))
-        packed.append({"input_ids": ids, "labels": labels, "seq_lengths": lengths})
-    return packed
+_GC_KWARGS = {"use_reentrant": False}  # non-reentrant gradient checkpointing (works with frozen 4-bit inputs)
 
 
-class PackedCollator:
-    """Batches packed rows: right-padded, ``position_ids`` restarting at each example, no attention mask.
+def _with_lora(model: Any, spec: RunSpec) -> Any:
+    """The base prepared for k-bit training (if quantized) and wrapped in the spec's LoRA adapter."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    With ``attention_mask=None`` and restarting ``position_ids``, transformers builds a block-diagonal
-    causal mask per row, so packed examples never attend to each other (tested against each example
-    run alone). ``num_real_tokens`` (non-pad tokens) is consumed by the trainer for tokens/s.
-    """
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=spec.training.gradient_checkpointing,
+            gradient_checkpointing_kwargs=dict(_GC_KWARGS),
+        )
+    lo = spec.lora
+    lora = LoraConfig(
+        r=lo.r,
+        lora_alpha=int(lo.alpha),
+        lora_dropout=float(lo.dropout),
+        target_modules=lo.target_modules if isinstance(lo.target_modules, str) else list(lo.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora)
+    _keep_4bit_weights_trainable_on_cpu(model)
+    return model
 
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
 
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        import torch
+def _sft_config(spec: RunSpec, output_dir: Path, dtype: Any, *, has_eval: bool, interactive: bool) -> Any:
+    """The spec's training settings as a TRL SFTConfig."""
+    import torch
+    from trl import SFTConfig
 
-        width = max(len(e["input_ids"]) for e in examples)
-        ids, labels, positions = [], [], []
-        for e in examples:
-            pad = width - len(e["input_ids"])
-            ids.append(list(e["input_ids"]) + [self.pad_token_id] * pad)
-            labels.append(list(e["labels"]) + [-100] * pad)
-            # padding forms its own block (positions restart), so it never joins a real example
-            positions.append([p for n in e["seq_lengths"] for p in range(n)] + list(range(pad)))
-        return {
-            "input_ids": torch.tensor(ids),
-            "labels": torch.tensor(labels),
-            "position_ids": torch.tensor(positions),
-            "num_real_tokens": torch.tensor(sum(len(e["input_ids"]) for e in examples)),
-        }
+    t = spec.training
+    on_cuda = torch.cuda.is_available()
+    return SFTConfig(
+        output_dir=str(output_dir),
+        max_steps=t.max_steps,  # -1 = use epochs
+        num_train_epochs=t.epochs,
+        learning_rate=t.learning_rate,
+        per_device_train_batch_size=t.per_device_batch_size,
+        per_device_eval_batch_size=t.per_device_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        warmup_steps=t.warmup_ratio,  # a value below 1 is a ratio of the steps
+        lr_scheduler_type=t.lr_scheduler,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        # eval_steps null = once per epoch
+        eval_strategy=("steps" if t.eval_steps else "epoch") if has_eval else "no",
+        eval_steps=t.eval_steps if has_eval and t.eval_steps else None,
+        # Saving is driven by the time cadence and signals (see _RunMonitor), not by steps.
+        save_strategy="no",
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs=dict(_GC_KWARGS),
+        max_length=spec.max_seq_len,
+        # Packing is done here (lorastack.packing), not by TRL: TRL's padding-free mode flattens the whole
+        # micro-batch into one row, so attention costs (batch * max_len)^2 under SDPA; keeping one packed
+        # row per batch item costs batch * max_len^2.
+        packing=False,
+        padding_free=False,
+        use_cpu=not on_cuda,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        optim="adamw_torch_fused" if on_cuda else "adamw_torch",
+        report_to="none",
+        disable_tqdm=not interactive,
+        dataloader_num_workers=0,
+        dataset_num_proc=None,
+        remove_unused_columns=True,
+    )
 
 
 def _keep_4bit_weights_trainable_on_cpu(model: Any) -> None:
@@ -939,279 +1101,13 @@ def _counting_trainer_class(base: type) -> type:
     return CountingSFTTrainer
 
 
-def _time_budget_seconds(spec: Any) -> float | None:
-    value = _spec_get(spec, "time_budget", None)
-    if value in (None, 0, ""):
-        return None
-    if hasattr(value, "total_seconds"):
-        return float(value.total_seconds())
-    return float(value)
-
-
-def _fit_and_publish(
-    store: Store,
-    run_id: str,
-    spec: Any,
-    doc: dict[str, Any],
-    reporter: RunReporter,
-    flags: StopFlags,
-    started: float,
-    interactive: bool,
-    tokenizer: Any,
-    model: Any,
-    revision: str | None,
-    train_data: EncodedData,
-    eval_data: EncodedData | None,
-    resume_from: Path | None,
-) -> Outcome:
-    from transformers import TrainerCallback
-    from transformers.trainer_callback import ProgressCallback
-
-    n_params = non_embedding_params(model)
-    peak = _peak_flops()
-    budget = _time_budget_seconds(spec)
-    save_every = float(_spec_get(spec, "training.save_every_minutes", 10) or 0) * 60
-    keep = _spec_get(spec, "training.save_total_limit", 2)
-    keep = int(keep) if keep else None
-    ckpt_root = store.checkpoints_dir(run_id)
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    state: dict[str, Any] = {
-        "last_save": time.monotonic(),
-        "save_s": 0.0,
-        "max_step_s": 0.0,
-        "stop_reason": None,
-        "train_s": 0.0,
-        "step_t0": None,
-        "last_loss": None,
-        "first_loss": None,
-    }
-    if resume_from is not None:
-        resumed_step = int(resume_from.name.split("-")[-1])
-        reporter.truncate_after(resumed_step)
-        log.info("resuming from %s (step %d)", resume_from.name, resumed_step)
-    trainer_ref: dict[str, Any] = {}
-
-    def emit(line: str) -> None:
-        if interactive:
-            from tqdm.auto import tqdm
-
-            tqdm.write(line, file=sys.stderr)
-        else:
-            log.info("%s", line)
-
-    class RunCallback(TrainerCallback):
-        """Status/results on the store, throughput, time-cadence/signal/budget checkpoints."""
-
-        def on_step_begin(self, args, st, control, **kw):
-            state["step_t0"] = time.monotonic()
-
-        def on_step_end(self, args, st, control, **kw):
-            now = time.monotonic()
-            if state["step_t0"] is not None:
-                dt = now - state["step_t0"]
-                state["train_s"] += dt
-                state["max_step_s"] = max(state["max_step_s"], dt)
-            if flags.signal_name:
-                state["stop_reason"] = "signal"
-                control.should_save = control.should_training_stop = True
-            elif budget is not None:
-                # Leave room for one more step, a checkpoint save and a margin before the budget ends.
-                reserve = 2 * state["max_step_s"] + max(state["save_s"] * 1.5, 1.0) + min(60.0, 0.05 * budget)
-                if now - started + reserve >= budget and st.global_step < st.max_steps:
-                    flags.time_budget = True
-                    state["stop_reason"] = "time_budget"
-                    control.should_save = control.should_training_stop = True
-            if save_every and now - state["last_save"] >= save_every:
-                control.should_save = True
-            if control.should_save:
-                state["save_t0"] = now
-            return control
-
-        def on_save(self, args, st, control, **kw):
-            ckpt = Path(args.output_dir) / f"checkpoint-{st.global_step}"
-            if ckpt.is_dir():
-                write_json_atomic(
-                    ckpt / IDENTITY_FILE, {"run_id": run_id, "spec": doc, "saved_at": utc_now()}
-                )
-                Store.mark_complete(ckpt)  # written last: from here on the checkpoint is trusted
-                _rotate_checkpoints(store, run_id, keep)
-            state["last_save"] = time.monotonic()
-            state["save_s"] = state["last_save"] - state.get("save_t0", state["last_save"])
-            reporter.update(checkpoint=ckpt.name, checkpoint_at=utc_now())
-
-        def on_log(self, args, st, control, logs=None, **kw):
-            logs = logs or {}
-            tr = trainer_ref["trainer"]
-            step = st.global_step
-            if "loss" in logs:
-                now = time.monotonic()
-                toks = tr.trained_tokens
-                tps = toks / state["train_s"] if state["train_s"] > 0 else 0.0
-                mfu = tps * 6 * n_params / peak if peak else None
-                state["last_loss"] = float(logs["loss"])
-                if state["first_loss"] is None:
-                    state["first_loss"] = float(logs["loss"])
-                reporter.record(
-                    step,
-                    train_loss=float(logs["loss"]),
-                    train_mean_token_accuracy=_f(logs.get("mean_token_accuracy")),
-                )
-                reporter.update(
-                    "training",
-                    step=step,
-                    max_steps=st.max_steps,
-                    epoch=_f(st.epoch),
-                    loss=float(logs["loss"]),
-                    learning_rate=_f(logs.get("learning_rate")),
-                    tokens_per_s=round(tps, 1),
-                    mfu=round(mfu, 4) if mfu is not None else None,
-                    trained_tokens=toks,
-                    elapsed_s=round(now - started, 1),
-                    message=None,
-                )
-                mfu_txt = f" MFU {mfu:.1%}" if mfu is not None else ""
-                emit(
-                    f"step {step}/{st.max_steps} loss {logs['loss']:.4f} "
-                    f"acc {logs.get('mean_token_accuracy', float('nan')):.3f} {tps:,.0f} tok/s{mfu_txt}"
-                )
-            if "eval_loss" in logs and not state.get("final_eval"):
-                reporter.record(
-                    step,
-                    valid_loss=float(logs["eval_loss"]),
-                    validation_mean_token_accuracy=_f(logs.get("eval_mean_token_accuracy")),
-                )
-                reporter.update(valid_loss=float(logs["eval_loss"]))
-                emit(f"step {step} valid_loss {logs['eval_loss']:.4f}")
-
-    class QuietProgress(ProgressCallback):
-        """The tqdm bar without its dict dumps (RunCallback prints a readable line instead)."""
-
-        def on_log(self, args, st, control, logs=None, **kw):
-            return None
-
-    trainer = build_sft_trainer(
-        spec,
-        model,
-        tokenizer,
-        train_data.rows,
-        eval_data.rows if eval_data else None,
-        ckpt_root,
-        interactive=interactive,
-        callbacks=[RunCallback()],
-    )
-    trainer_ref["trainer"] = trainer
-    if interactive:
-        trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(QuietProgress())
-    log.info(
-        "model: %s non-embedding params (6N = %.3g FLOP/token); device %s; packing %s",
-        f"{n_params:,}",
-        6 * n_params,
-        trainer.args.device,
-        bool(_spec_get(spec, "training.packing", False)),
-    )
-    reporter.update(
-        "training",
-        step=int(resume_from.name.split("-")[-1]) if resume_from else 0,
-        resumed_from=resume_from.name if resume_from else None,
-        message=f"resumed from {resume_from.name}" if resume_from else None,
-    )
-    t0 = time.monotonic()
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    wall = time.monotonic() - t0
-    step = trainer.state.global_step
-    tps = trainer.trained_tokens / state["train_s"] if state["train_s"] else 0.0
-    metrics = {
-        "global_step": step,
-        "train_loss": state["last_loss"],
-        "first_train_loss": state["first_loss"],
-        "train_runtime_s": round(wall, 2),
-        "trained_tokens": trainer.trained_tokens,
-        "loss_tokens": trainer.loss_tokens,
-        "tokens_per_s": round(tps, 1),
-        "non_embedding_params": n_params,
-    }
-    if peak:
-        metrics["mfu"] = round(tps * 6 * n_params / peak, 4)
-    log.info(
-        "trained %d tokens in %.1fs of steps: %.0f tok/s%s",
-        trainer.trained_tokens,
-        state["train_s"],
-        tps,
-        f", MFU {metrics['mfu']:.1%}" if peak else "",
-    )
-    del result
-
-    if state["stop_reason"] == "signal":
-        reporter.update(
-            "preempted",
-            step=step,
-            message=f"stopped by {flags.signal_name} at step {step}; checkpoint saved, rerun to resume",
-            finished_at=utc_now(),
-        )
-        return Outcome("preempted", EXIT_PREEMPTED, metrics=metrics)
-    if state["stop_reason"] == "time_budget":
-        reporter.update(
-            "stopped",
-            step=step,
-            message=f"stopped: time budget (step {step}); checkpoint saved, rerun to resume",
-            finished_at=utc_now(),
-        )
-        log.info("stopped: time budget at step %d; rerun the same command to continue", step)
-        return Outcome("stopped", EXIT_TIME_BUDGET, metrics=metrics)
-
-    if eval_data and eval_data.rows:
-        state["final_eval"] = True
-        ev = trainer.evaluate()
-        metrics["full_valid_loss"] = float(ev["eval_loss"])
-        metrics["full_valid_mean_token_accuracy"] = _f(ev.get("eval_mean_token_accuracy"))
-        reporter.record(
-            step,
-            full_valid_loss=metrics["full_valid_loss"],
-            full_valid_mean_token_accuracy=metrics["full_valid_mean_token_accuracy"],
-        )
-
-    reporter.update("publishing", step=step, message="publishing the adapter")
-    adapter = publish(store, run_id, spec, doc, trainer.model, tokenizer, revision, metrics)
-    log.info("published adapter %s (%s)", adapter.ref, adapter.path)
-    merged = None
-    if bool(_spec_get(spec, "merge_16bit", False)):
-        del trainer, model
-        merged = merge_16bit(store, run_id, spec, adapter.path)
-        log.info("merged 16-bit model written to %s", merged)
-    reporter.update(
-        "succeeded",
-        step=step,
-        adapter=adapter.ref,
-        metrics=metrics,
-        merged=str(merged) if merged else None,
-        message=None,
-        finished_at=utc_now(),
-    )
-    return Outcome("succeeded", EXIT_OK, adapter.ref, metrics)
-
-
-def _f(value: Any) -> float | None:
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
-
-
-def _rotate_checkpoints(store: Store, run_id: str, keep: int | None) -> None:
-    """Keep the newest ``keep`` complete checkpoints (called only after the newest one is marked)."""
-    if not keep:
-        return
-    for _, path in store.complete_checkpoints(run_id)[:-keep]:
-        # Unmark first so a reader never sees a COMPLETE marker on a half-deleted directory.
-        (path / COMPLETE).unlink(missing_ok=True)
-        shutil.rmtree(path, ignore_errors=True)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Publishing
 # ---------------------------------------------------------------------------------------------------
 def publish(
     store: Store,
     run_id: str,
-    spec: Any,
+    spec: RunSpec,
     doc: dict[str, Any],
     model: Any,
     tokenizer: Any,
@@ -1239,7 +1135,7 @@ def publish(
         return store.publish_adapter(str(spec.name), out, manifest)
 
 
-def merge_16bit(store: Store, run_id: str, spec: Any, adapter_dir: Path) -> Path:
+def merge_16bit(store: Store, run_id: str, spec: RunSpec, adapter_dir: Path) -> Path:
     """Merge the adapter into a 16-bit copy of the base (never into 4-bit weights); save runs/<id>/merged/."""
     import gc
 
@@ -1247,11 +1143,11 @@ def merge_16bit(store: Store, run_id: str, spec: Any, adapter_dir: Path) -> Path
     from peft import PeftModel
 
     gc.collect()
-    if torch.cuda.is_available():
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    else:
-        dtype = torch.bfloat16
-    base, _ = load_base_model(spec, store, quantize=False, dtype=dtype)
+    # 16-bit even on CPU: bf16 unless the GPU lacks it (T4)
+    on_gpu_without_bf16 = torch.cuda.is_available() and not torch.cuda.is_bf16_supported()
+    base, _ = load_base_model(
+        spec, store, quantize=False, compute_dtype="float16" if on_gpu_without_bf16 else "bfloat16"
+    )
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     run_dir = store.run_dir(run_id)
     final = run_dir / "merged"

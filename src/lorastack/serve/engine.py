@@ -123,44 +123,36 @@ def load_base_model(
     quantize: bool = True,
     device: str | None = None,
 ):
-    """Load the base model (4-bit NF4 when bitsandbytes is usable) and its tokenizer.
+    """Load the base model for serving (4-bit NF4 when bitsandbytes is usable, eval mode) and its tokenizer.
 
-    Local directories and hub ids both go through ``from_pretrained``; hub downloads land in
+    Local directories and hub ids are resolved by :mod:`lorastack.models`; hub downloads land in
     ``cache_dir`` (``<store>/models``). Returns (model, tokenizer, info dict).
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorastack import models
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    else:
-        dtype = torch.float32
-    kwargs: dict[str, Any] = {"cache_dir": cache_dir, "revision": revision, "dtype": dtype}
+    dtype = models.compute_dtype("auto", device)  # what models.load_base_model picks for this device
     quantized = False
     if quantize:
         try:
             import bitsandbytes  # noqa: F401
-            from transformers import BitsAndBytesConfig
 
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=dtype,
-            )
             quantized = True
         except ImportError:
             log.warning("bitsandbytes is not installed: loading the base model unquantized")
-    model = AutoModelForCausalLM.from_pretrained(base_model, device_map=device, **kwargs)
+    model, resolved = models.load_base_model(
+        base_model, revision, cache_dir, quantize=quantized, device=device
+    )
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(base_model, cache_dir=cache_dir, revision=revision)
+    tokenizer = models.load_tokenizer(base_model, revision, cache_dir, require_chat_template=False)
     info = {
         "device": device,
         "dtype": str(dtype).replace("torch.", ""),
         "quantized": quantized,
-        "revision": revision or getattr(model.config, "_commit_hash", None),
+        "revision": revision or resolved,
     }
     return model, tokenizer, info
 

@@ -70,13 +70,15 @@ class ServerState:
         if self.engine is not None:
             return
         try:
+            from lorastack.models import hub_cache_dir
+
             from .engine import Engine, context_length, eos_token_ids, load_base_model
             from .registry import AdapterRegistry
 
             t0 = time.monotonic()
             model, tokenizer, info = load_base_model(
                 self.base_model_id,
-                cache_dir=str(self.store.models_dir),
+                cache_dir=hub_cache_dir(self.store.models_dir),  # the same cache the trainer filled
                 revision=self.base_revision,
                 quantize=self.quantize,
             )

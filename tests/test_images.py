@@ -1,0 +1,884 @@
+"""The container images (images/trainer, images/inference), proven without a Docker engine.
+
+Fast checks (default run): hadolint finds nothing; the base is pinned by digest and carries the torch the
+``ml`` extra pins; the containers run as a fixed non-root UID; nothing is installed at start; each image
+installs its own extra; the entrypoints are exec form (signals reach python) and parse with the real CLI;
+the build context holds the sources and none of .git, .venv or local stores.
+
+Slow checks replay each Dockerfile here: the project wheel is built from exactly the files the COPY lines
+take from the .dockerignore-filtered context, with the wheel stage's own RUN; the runtime venv is created
+over a "base image" (this environment's site-packages minus lorastack, as the base image carries torch),
+and the Dockerfile's install RUN runs verbatim with the index switched off (so it must resolve from the
+pins with nothing to download, and must not touch torch). Then the image's ENTRYPOINT + CMD run with the
+image's ENV (image paths such as /mnt/store mapped to temporary directories): the trainer claims the
+run queued on the store, trains and publishes it, and checkpoints on SIGTERM; the server answers
+/healthz, /readyz and an authenticated chat completion with the adapter, and leaves the store untouched
+(it is mounted read-only in Azure). What cannot be proven here: ``docker build`` itself (the base
+image's own Python, layer contents, CUDA) and permissions on the Azure Files mount.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import dockerfile_tools as dt
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGES = {
+    "trainer": REPO / "images" / "trainer" / "Dockerfile",
+    "inference": REPO / "images" / "inference" / "Dockerfile",
+}
+EXTRA = {"trainer": "train", "inference": "serve"}
+ENTRY_COMMAND = {"trainer": "train", "inference": "serve"}
+HANDLER_MODULE = {"trainer": "lorastack.trainer", "inference": "lorastack.serve.server"}
+STORE_MOUNT = "/mnt/store"
+DIGEST_RE = re.compile(r"^(?P<repo>[a-z0-9./_-]+):(?P<tag>[\w.-]+)@sha256:(?P<digest>[0-9a-f]{64})$")
+SHELLS = {"/bin/sh", "/bin/bash", "sh", "bash"}
+OCI_LABELS = ("title", "description", "version", "revision", "source", "licenses", "base.name", "base.digest")
+# The tiny base model is published to the store's Hugging Face cache under this hub id (see _seed_hub_cache).
+TINY_REPO_ID = "lorastack-test/tiny-llama"
+
+
+def _df(kind: str) -> dt.Dockerfile:
+    return dt.parse(IMAGES[kind])
+
+
+def _runs(stage: dt.Stage) -> list[dt.Instruction]:
+    return stage.all("RUN")
+
+
+def _install_run(stage: dt.Stage) -> dt.Instruction:
+    found = [r for r in _runs(stage) if re.search(r"\bpip\b.*\binstall\b", r.text)]
+    assert len(found) == 1, f"expected exactly one pip install RUN in the final stage, found {len(found)}"
+    return found[0]
+
+
+def _entry_argv(stage: dt.Stage) -> list[str]:
+    return dt.exec_argv(stage.last("ENTRYPOINT")) + dt.exec_argv(stage.last("CMD"))
+
+
+def _torch_pin() -> str:
+    """The torch version the pyproject ``ml`` extra pins (read as text: tomllib needs Python 3.11)."""
+    m = re.search(r"[\"']torch\s*==\s*([\w.]+)[\"']", (REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    assert m, "pyproject.toml: the ml extra pins no torch==X version"
+    return m.group(1)
+
+
+def _hadolint() -> Path:
+    exe = Path(sys.executable).parent / "hadolint"
+    if exe.is_file():
+        return exe
+    found = shutil.which("hadolint")
+    if not found:
+        pytest.fail(
+            "hadolint not found next to the Python interpreter or on PATH: pip install 'lorastack[dev]'"
+        )
+    return Path(found)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fast checks
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", sorted(IMAGES))
+def test_hadolint_reports_nothing(kind):
+    """hadolint at its strictest threshold, inline ignore pragmas disabled: only .hadolint.yaml may ignore."""
+    res = subprocess.run(
+        [
+            str(_hadolint()),
+            "--config",
+            str(REPO / ".hadolint.yaml"),
+            "--disable-ignore-pragma",
+            "--failure-threshold",
+            "style",
+            "--no-color",
+            "--format",
+            "json",
+            str(IMAGES[kind]),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    findings = json.loads(res.stdout or "[]")
+    assert findings == [] and res.returncode == 0, (
+        "\n".join(
+            f"{IMAGES[kind].relative_to(REPO)}:{f['line']} {f['code']} {f['level']}: {f['message']}"
+            for f in findings
+        )
+        or res.stderr
+    )
+
+
+def test_hadolint_config_ignores_nothing_silently():
+    text = (REPO / ".hadolint.yaml").read_text(encoding="utf-8")
+    ignored = (
+        re.findall(r"^\s*-\s*(\w+)", text.split("ignored:", 1)[1], re.MULTILINE) if "ignored:" in text else []
+    )
+    for code in ignored:
+        assert re.search(rf"#.*\b{code}\b|\b{code}\b.*#", text), (
+            f".hadolint.yaml ignores {code} without a comment saying why"
+        )
+
+
+@pytest.mark.parametrize("kind", sorted(IMAGES))
+def test_base_image_pinned_by_digest_and_matches_the_torch_pin(kind):
+    df = _df(kind)
+    stage_names = {s.name for s in df.stages if s.name}
+    for stage in df.stages:
+        if stage.image in stage_names:
+            continue
+        m = DIGEST_RE.match(stage.image)
+        assert m, f"{IMAGES[kind].name}: FROM {stage.image!r} is not pinned as repo:tag@sha256:<digest>"
+        # The base's torch is the one pip keeps: its version must be the ml extra's pin.
+        assert m.group("tag").startswith(_torch_pin() + "-"), (
+            f"base tag {m.group('tag')} does not carry torch {_torch_pin()} (pyproject ml extra): pip would "
+            "fail the torch constraint or the image would run another torch than the tests"
+        )
+        labels = dict(
+            kv for ins in df.final.all("LABEL") for kv in dt.parse_key_values(ins.text, ins.line, "LABEL")
+        )
+        assert labels.get("org.opencontainers.image.base.digest") == f"sha256:{m.group('digest')}"
+        assert labels.get("org.opencontainers.image.base.name", "").endswith(
+            f"{m.group('repo')}:{m.group('tag')}"
+        )
+
+
+def test_both_images_share_one_base():
+    """Same base: shared layers on the registry and the node, one torch/CUDA build for train and serve."""
+    assert _df("trainer").final.image == _df("inference").final.image
+
+
+@pytest.mark.parametrize("kind", sorted(IMAGES))
+def test_oci_labels(kind):
+    final = _df(kind).final
+    labels = dict(kv for ins in final.all("LABEL") for kv in dt.parse_key_values(ins.text, ins.line, "LABEL"))
+    missing = [k for k in OCI_LABELS if f"org.opencontainers.image.{k}" not in labels]
+    assert not missing, f"{IMAGES[kind].name}: missing OCI labels {missing}"
+    assert labels["org.opencontainers.image.title"] == f"lorastack-{kind}"
+
+
+@pytest.mark.parametrize("kind", sorted(IMAGES))
+def test_runs_as_fixed_non_root_uid(kind):
+    final = _df(kind).final
+    user = final.last("USER")
+    assert user is not None, f"{IMAGES[kind].name}: no USER: the container would run as root"
+    uid, _, gid = user.text.strip().partition(":")
+    assert uid.isdigit() and int(uid) > 0, (
+        f"USER {user.text}: use a numeric non-root UID (runAsNonRoot needs it)"
+    )
+    assert gid == "" or (gid.isdigit() and int(gid) > 0)
+    # Nothing after USER switches back, and the user is created with that UID.
+    after = final.instructions[final.instructions.index(user) + 1 :]
+    assert not [i for i in after if i.keyword == "USER"]
+    created = " ".join(r.text for r in _runs(final))
+    assert re.search(rf"useradd\b[^&;]*--uid {uid}\b", created), (
+        f"no useradd --uid {uid} in {IMAGES[kind].name}"
+    )
+
+
+@pytest.mark.parametrize("kind", sorted(IMAGES))
+def test_nothing_is_installed_or_downloaded_at_start(kind):
+    final = _df(kind).final
+    start = " ".join(_entry_argv(final))
+    health = final.last("HEALTHCHECK")
+    start += " " + (health.text if health else "")
+    for bad in (
+        "pip",
+        "install",
+        "apt-get",
+        "conda",
+        "uv ",
+        "huggingface-cli",
+        "hf download",
+        "curl",
+        "wget",
+    ):
+        assert bad not in start, (
+            f"{IMAGES[kind].name}: the start command runs {bad!r}: bake it into the image"
+        )
+    # and the packages are really installed at build time
+    assert _install_run(final)
+
+
+@pytest.mark.parametrize("kind", sorted(IMAGES))
+def test_installs_its_own_extra_once_without_cache_and_checks_it(kind):
+    text = _install_run(_df(kind).final).text
+    extras = re.findall(r"lorastack[^\s\"']*\.whl\)?\[([\w,]+)\]", text)
+    assert extras == [EXTRA[kind]], f"{IMAGES[kind].name} installs extras {extras}, expected [{EXTRA[kind]}]"
+    assert "--no-cache-dir" in text, "pip's cache would stay in the image layer"
+    assert "--constraint" in text and "torch==" in text, "torch must be pinned to the base's build"
+    assert re.search(r"pip check\b", text), "the image build must fail on an inconsistent dependency set"
+    assert f"import {HANDLER_MODULE[kind]}" in text, "the build must import the entrypoint's handler"
+    other = {"train", "serve"} - {EXTRA[kind]}
+    assert not any(f"[{o}]" in text for o in other)
+
+
+@pytest.mark.parametrize("kind", sorted(IMAGES))
+def test_entrypoint_is_exec_form_and_parses_with_the_cli(kind):
+    from lorastack.cli import build_parser
+
+    final = _df(kind).final
+    entry = final.last("ENTRYPOINT")
+    assert entry is not None and entry.is_json_form(), (
+        "ENTRYPOINT must be exec (JSON) form: a shell as PID 1 would swallow SIGTERM"
+    )
+    cmd = final.last("CMD")
+    assert cmd is None or cmd.is_json_form()
+    argv = _entry_argv(final)
+    if argv[0] in SHELLS:
+        assert argv[1] == "-c" and argv[2].lstrip().startswith("exec "), (
+            "a shell entrypoint must `exec` the program, or the shell (PID 1) swallows SIGTERM"
+        )
+        return
+    assert argv[0] == "lorastack" and argv[1] == ENTRY_COMMAND[kind]
+    args = build_parser().parse_args(argv[1:])
+    assert args.store == STORE_MOUNT
+    if kind == "trainer":
+        # No run id baked in: `--run` args, LORASTACK_RUN_ID or the store's queue decide (see slow tests).
+        assert args.run is None
+        assert build_parser().parse_args([*argv[1:], "--run", "x"]).run == "x"
+
+
+@pytest.mark.parametrize("kind", sorted(IMAGES))
+def test_environment(kind):
+    df = _df(kind)
+    env = dt.stage_env(df, df.final, {"PATH": "/usr/bin"})
+    assert env["PYTHONUNBUFFERED"] == "1", "logs must reach ACA's log stream as they happen"
+    assert env["LORASTACK_STORE"] == STORE_MOUNT
+    # The store's models/ directory is the Hugging Face hub cache for both images (the app passes
+    # cache_dir=<store>/models; HF_HUB_CACHE makes the trainer's downloads land in the same layout).
+    assert env["HF_HUB_CACHE"] == f"{STORE_MOUNT}/models"
+    if kind == "trainer":
+        assert env["HF_HOME"] == f"{STORE_MOUNT}/models"
+    else:  # the app's mount is read-only: HF's own small state stays on local disk
+        assert env["HF_HOME"].startswith("/home/lorastack/")
+    assert env["PATH"].startswith(env["VIRTUAL_ENV"] + "/bin:")
+    assert "LORASTACK_API_KEYS" not in env and "HF_TOKEN" not in env, "secrets come from ACA, never the image"
+    if kind == "inference":
+        assert env["HF_HUB_OFFLINE"] == "1", (
+            "the store is read-only for the app: it must never try to download"
+        )
+
+
+def test_inference_port_healthcheck_and_store_path_agree():
+    final = _df("inference").final
+    argv = _entry_argv(final)
+    port = argv[argv.index("--port") + 1]
+    assert argv[argv.index("--host") + 1] == "0.0.0.0", "ACA ingress reaches the container on its pod IP"
+    exposed = [e.text.split("/")[0] for e in final.all("EXPOSE")]
+    assert exposed == [port], f"EXPOSE {exposed} vs --port {port}: one port, the one the app listens on"
+    health = final.last("HEALTHCHECK")
+    assert health is not None and f"127.0.0.1:{port}/healthz" in health.text
+
+
+def test_build_context_sends_the_sources_and_nothing_private():
+    rules = dt.load_dockerignore(REPO / ".dockerignore")
+    for path in ("pyproject.toml", "src/lorastack/cli.py", "src/lorastack/store.py"):
+        assert not dt.is_ignored(path, rules), f"{path} must be in the build context"
+    for path in (
+        ".git/config",
+        ".venv/bin/python",
+        ".lorastack/store/adapters/x/LATEST",
+        "tests/conftest.py",
+        "src/lorastack/__pycache__/cli.cpython-311.pyc",
+        ".env",
+        "src/.env",
+        "lorastack.egg-info/PKG-INFO",
+        "stacks/Pulumi.dev.yaml",
+        "jobs/examples/plant-care.yaml",
+        "weights/model.safetensors",
+    ):
+        assert dt.is_ignored(path, rules), f"{path} must not be sent to the Docker daemon"
+
+
+@pytest.mark.parametrize("kind", sorted(IMAGES))
+def test_images_keep_the_provisioning_contract(kind):
+    """The Job and App (provisioning/contract.py) mount, probe and configure what the images expect."""
+    from provisioning import contract
+
+    df = _df(kind)
+    env = dt.stage_env(df, df.final, {"PATH": "/usr/bin"})
+    argv = _entry_argv(df.final)
+    assert env["LORASTACK_STORE"] == contract.STORE_MOUNT_PATH
+    assert env["HF_HUB_CACHE"] == contract.HF_HUB_CACHE
+    if kind == "trainer":
+        assert argv == ["lorastack", "train", "--store", contract.STORE_MOUNT_PATH]
+    else:
+        command, args = contract.inference_command()
+        assert command + args == argv, "the App runs the image's own serve command"
+        assert [e.text for e in df.final.all("EXPOSE")] == [str(contract.INFERENCE_PORT)]
+        assert f":{contract.INFERENCE_PORT}{contract.LIVENESS_PATH}" in df.final.last("HEALTHCHECK").text
+
+
+@pytest.mark.parametrize("kind", sorted(IMAGES))
+def test_every_copy_source_is_in_the_build_context(kind):
+    """Otherwise `docker build` fails with "not found" (a missing file, or one .dockerignore drops)."""
+    rules = dt.load_dockerignore(REPO / ".dockerignore")
+    context = dt.context_files(REPO, rules)
+    for stage in _df(kind).stages:
+        for ins in stage.all("COPY"):
+            if ins.text.startswith("--from="):
+                continue
+            *sources, _dest = ins.text.split()
+            for src in sources:
+                src = src.rstrip("/")
+                assert any(f == src or f.startswith(src + "/") for f in context), (
+                    f"{IMAGES[kind].name}:{ins.line}: COPY {src} is not in the build context"
+                )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Slow checks: replay the Dockerfile here, then run the image's entrypoint
+# ---------------------------------------------------------------------------------------------------------
+def _lorastack_entry(name: str) -> bool:
+    """Entries of this environment's site-packages that belong to the editable lorastack install."""
+    low = name.lower()
+    return low.startswith("lorastack") or "__editable__" in low and "lorastack" in low
+
+
+def _base_image_site(tmp: Path) -> Path:
+    """This environment's site-packages minus lorastack: the stand-in for the base image's packages."""
+    site = tmp / "base-site-packages"
+    site.mkdir()
+    for sp in dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]):
+        for entry in Path(sp).iterdir():
+            if _lorastack_entry(entry.name) or entry.suffix == ".pth" or (site / entry.name).exists():
+                continue
+            (site / entry.name).symlink_to(entry)
+    return site
+
+
+def _run_sh(command: str, env: dict[str, str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+    """A RUN instruction, the way Docker runs it: /bin/sh -c with the stage's environment."""
+    res = subprocess.run(
+        ["/bin/sh", "-c", command],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert res.returncode == 0, (
+        f"RUN {command}\nexit {res.returncode}\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
+    )
+    return res
+
+
+class ImageEnv:
+    """A replayed image: paths that stand in for the image's, and the env its container would get."""
+
+    def __init__(self, kind: str, root: Path, venv: Path, install_output: str):
+        self.kind = kind
+        self.root = root
+        self.venv = venv
+        self.install_output = install_output
+        self.df = _df(kind)
+
+    def mapping(self, store: Path, home: Path) -> dict[str, str]:
+        return {STORE_MOUNT: str(store), "/opt/lorastack": str(self.venv), "/home/lorastack": str(home)}
+
+    def container_env(self, store: Path, home: Path, **extra: str) -> dict[str, str]:
+        """The image's ENV (paths mapped), over a base PATH without this test environment's venv."""
+        own_bin = str(Path(sys.executable).parent)
+        base_path = ":".join(p for p in os.environ["PATH"].split(":") if p != own_bin)
+        env = dt.stage_env(self.df, self.df.final, {"PATH": base_path, "LANG": "C.UTF-8"})
+        mapping = self.mapping(store, home)
+        env = {k: dt.rewrite_paths(v, mapping) for k, v in env.items()}
+        env.update(extra)
+        return env
+
+    def argv(self, store: Path, home: Path) -> list[str]:
+        mapping = self.mapping(store, home)
+        return [dt.rewrite_paths(a, mapping) for a in _entry_argv(self.df.final)]
+
+
+def _replay_image(kind: str, root: Path) -> ImageEnv:
+    """Build the wheel and install it the way the Dockerfile does; fail on anything it cannot replay."""
+    df = _df(kind)
+    rules = dt.load_dockerignore(REPO / ".dockerignore")
+    context = root / "context"
+    for rel in dt.context_files(REPO, rules):
+        (context / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, context / rel)
+
+    # stage "wheel": WORKDIR, COPY from the context, RUN pip wheel
+    wheel_stage = df.stage("wheel")
+    built = root / "wheel-stage-out"
+    workdir: Path | None = None
+    for ins in wheel_stage.instructions:
+        if ins.keyword == "WORKDIR":
+            workdir = root / "wheel-stage" / ins.text.strip().lstrip("/")
+            workdir.mkdir(parents=True, exist_ok=True)
+        elif ins.keyword == "COPY":
+            *sources, dest = ins.text.split()
+            assert workdir is not None and not dest.startswith("/"), (
+                f"line {ins.line}: cannot replay COPY {ins.text}"
+            )
+            target = workdir / dest
+            if dest.endswith("/") or dest == "./":
+                target.mkdir(parents=True, exist_ok=True)
+            for src in sources:
+                path = context / src.rstrip("/")
+                assert path.exists(), f"line {ins.line}: COPY {src}: not in the build context"
+                if path.is_dir():
+                    shutil.copytree(path, target, dirs_exist_ok=True)
+                else:
+                    shutil.copy2(path, target / path.name if target.is_dir() else target)
+        elif ins.keyword == "RUN":
+            assert "pip wheel" in ins.text and "--no-deps" in ins.text, (
+                f"line {ins.line}: cannot replay RUN {ins.text}"
+            )
+            command = dt.rewrite_paths(ins.text, {"/wheels": str(built)})
+            env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+            _run_sh(command, env, workdir)
+        else:
+            pytest.fail(
+                f"{IMAGES[kind].name}:{ins.line}: the replay does not know {ins.keyword} in the wheel stage"
+            )
+    wheels = sorted(built.glob("lorastack-*.whl"))
+    assert len(wheels) == 1, f"the wheel stage produced {wheels}"
+
+    # final stage
+    venv = root / "opt-lorastack"
+    mapping = {
+        "/opt/lorastack": str(venv),
+        "/tmp/wheels": str(root / "tmp-wheels"),
+        "/mnt/store": str(root / "store"),
+        "/home/lorastack": str(root / "home"),
+    }
+    base_env = {"PATH": os.environ["PATH"], "LANG": "C.UTF-8"}
+    install_output = ""
+    for ins in df.final.instructions:
+        if ins.keyword in (
+            "ARG",
+            "ENV",
+            "LABEL",
+            "USER",
+            "WORKDIR",
+            "EXPOSE",
+            "HEALTHCHECK",
+            "ENTRYPOINT",
+            "CMD",
+        ):
+            continue
+        if ins.keyword == "COPY":
+            assert ins.text.startswith("--from=wheel "), f"line {ins.line}: cannot replay COPY {ins.text}"
+            _, src, dest = ins.text.split()
+            dest = dt.rewrite_paths(
+                dt.substitute(dest, dt.stage_env(df, df.final, base_env, upto=ins)), mapping
+            )
+            assert src.rstrip("/") == "/wheels"
+            shutil.copytree(built, dest, dirs_exist_ok=True)
+            continue
+        assert ins.keyword == "RUN", f"line {ins.line}: the replay does not know {ins.keyword}"
+        if "useradd" in ins.text:
+            continue  # needs root; the UID is checked by test_runs_as_fixed_non_root_uid
+        if re.search(r"-m venv\b", ins.text):
+            # The base image's interpreter has torch & co in its site-packages; here that is this
+            # environment's site-packages without lorastack, added to the new venv by a .pth file.
+            assert ins.text.strip() == "python -m venv --without-pip --system-site-packages /opt/lorastack", (
+                ins.text
+            )
+            subprocess.run(
+                [sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120
+            )
+            purelib = subprocess.run(
+                [
+                    str(venv / "bin" / "python"),
+                    "-c",
+                    "import sysconfig; print(sysconfig.get_paths()['purelib'])",
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+            Path(purelib, "_base_image_site.pth").write_text(str(_base_image_site(root)) + "\n")
+            continue
+        # Anything else runs verbatim, with the stage's ENV and ARGs; the index is off: everything but
+        # lorastack itself must already be there, as torch is in the base image.
+        env = dt.stage_env(df, df.final, base_env, upto=ins)
+        env = {k: dt.rewrite_paths(v, mapping) for k, v in env.items()}
+        env.update(PIP_NO_INDEX="1", PIP_CONFIG_FILE=os.devnull, PIP_NO_INPUT="1")
+        res = _run_sh(dt.rewrite_paths(ins.text, mapping), env, root)
+        install_output += res.stdout + res.stderr
+    return ImageEnv(kind, root, venv, install_output)
+
+
+_REPLAYED: dict[str, ImageEnv] = {}
+
+
+@pytest.fixture(scope="session")
+def replayed(tmp_path_factory):
+    def get(kind: str) -> ImageEnv:
+        if kind not in _REPLAYED:
+            _REPLAYED[kind] = _replay_image(kind, tmp_path_factory.mktemp(f"image-{kind}"))
+        return _REPLAYED[kind]
+
+    return get
+
+
+def _seed_hub_cache(models_dir: Path, repo_id: str, src: Path) -> str:
+    """Put a model into ``models_dir`` in the Hugging Face hub-cache layout (as `hf download` leaves it).
+
+    Returns the commit hash that refs/main names.
+    """
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    repo = models_dir / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(src, repo / "snapshots" / commit, dirs_exist_ok=True)
+    return commit
+
+
+@pytest.fixture(scope="session")
+def plant_care_model(tmp_path_factory) -> Path:
+    """A tiny Llama-style model whose tokenizer has seen the example job's data (realistic lengths)."""
+    from lorastack.tinymodel import build_tiny_model
+
+    texts = []
+    for name in ("plant-care-train.jsonl", "plant-care-validation.jsonl"):
+        for line in (REPO / "jobs" / "examples" / name).read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                texts += [m.get("content", "") for m in json.loads(line).get("messages", [])]
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-plant-care"), arch="llama", extra_texts=texts)
+
+
+def _proc_exe(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return ""
+
+
+def _assert_pid_is_the_app(proc: subprocess.Popen, image: ImageEnv, timeout: float = 20) -> None:
+    """The entrypoint's PID (the one the runtime signals) must become the venv's ``lorastack`` under python.
+
+    A shell that did not ``exec`` would stay that PID and swallow SIGTERM.
+    """
+    deadline = time.monotonic() + timeout
+    exe, cmdline = "", []
+    while time.monotonic() < deadline and proc.poll() is None:
+        exe = _proc_exe(proc.pid)
+        try:
+            cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode().split("\0")
+        except OSError:
+            cmdline = []
+        if "python" in Path(exe).name and len(cmdline) > 1:
+            break
+        time.sleep(0.05)
+    assert "python" in Path(exe).name, f"PID {proc.pid} runs {exe or 'nothing'}, not python"
+    assert cmdline[1] == str(image.venv / "bin" / "lorastack"), f"PID {proc.pid} runs {cmdline}"
+
+
+def _status(store: Path, run_id: str) -> dict:
+    path = store / "runs" / run_id / "status.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _require(module: str, what: str) -> None:
+    """xfail (not skip) while a part the image runs is not in the tree yet; the test runs once it lands."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        pytest.xfail(f"{module} ({what}) is not in the tree yet")
+
+
+def _prepare_run(store_dir: Path, **overrides) -> str:
+    """What `lorastack finetune` does before the job starts: spec and data into the store, then spec.yaml."""
+    from lorastack.store import Store
+    from lorastack.trainer import prepare_run
+
+    store = Store(store_dir).init()
+    base = {
+        "base_model": TINY_REPO_ID,
+        "base_revision": "main",
+        "time_budget": None,
+        "training.per_device_batch_size": 2,
+        "training.gradient_accumulation_steps": 1,
+        "training.eval_steps": None,
+        "training.save_every_minutes": 60,
+    }
+    return prepare_run(store, REPO / "jobs" / "examples" / "plant-care.yaml", {**base, **overrides})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", sorted(IMAGES))
+def test_dockerfile_install_resolves_from_the_pins_and_keeps_the_base_torch(kind, replayed):
+    image = replayed(kind)
+    purelib = Path(
+        subprocess.run(
+            [
+                str(image.venv / "bin" / "python"),
+                "-c",
+                "import sysconfig; print(sysconfig.get_paths()['purelib'])",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
+    installed = sorted(
+        p.name for p in purelib.iterdir() if p.name != "_base_image_site.pth" and p.name != "__pycache__"
+    )
+    # Only lorastack itself was installed: every pinned dependency came from the "base", torch untouched.
+    assert [n for n in installed if not n.startswith("lorastack")] == [], installed
+    assert any(n.startswith("lorastack-") and n.endswith(".dist-info") for n in installed)
+    probe = subprocess.run(
+        [
+            str(image.venv / "bin" / "python"),
+            "-c",
+            (
+                "import json, lorastack, torch; from importlib.metadata import version; "
+                "print(json.dumps([lorastack.__file__, torch.__file__, version('torch')]))"
+            ),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    lorastack_file, torch_file, torch_version = json.loads(probe.stdout)
+    assert lorastack_file.startswith(str(purelib)), (
+        "the image must run the installed wheel, not the source tree"
+    )
+    assert not torch_file.startswith(str(purelib))
+    import torch
+
+    assert torch_version == torch.__version__  # the constraint pinned the base's exact build
+    check = subprocess.run(
+        [str(image.venv / "bin" / "python"), "-m", "pip", "check"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+@pytest.mark.slow
+def test_trainer_image_trains_the_queued_run_and_publishes_the_adapter(replayed, plant_care_model, tmp_path):
+    """An ACA Job execution: no run id given, the image claims the run `lorastack finetune` queued."""
+    _require("lorastack.trainer", "the trainer")
+    _require("lorastack.data", "the dataset checks the trainer runs")
+    from lorastack.store import Store
+
+    image = replayed("trainer")
+    store, home = tmp_path / "store", tmp_path / "home"
+    home.mkdir()
+    run_id = _prepare_run(store, **{"training.max_steps": 3})
+    Store(store).enqueue_run(run_id)
+    commit = _seed_hub_cache(store / "models", TINY_REPO_ID, plant_care_model)
+
+    # ACA names each execution in CONTAINER_APP_JOB_EXECUTION_NAME; HF_HUB_OFFLINE: tests never reach the hub.
+    env = image.container_env(
+        store, home, CONTAINER_APP_JOB_EXECUTION_NAME="trainer-exec-1", HF_HUB_OFFLINE="1"
+    )
+    proc = subprocess.Popen(
+        image.argv(store, home),
+        env=env,
+        cwd=home,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    _assert_pid_is_the_app(proc, image)
+    try:
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-6000:]
+    assert not list((store / "queue").iterdir()), "the run must leave the queue"
+    assert (store / "claims" / run_id).read_text().strip() == "trainer-exec-1"
+
+    adapter = Store(store).adapter("plant-care")  # verifies the manifest and every file's sha256
+    # Offline and not a local directory: the base can only have come from <store>/models (HF_HUB_CACHE).
+    assert adapter.manifest["base_model"] == TINY_REPO_ID
+    assert adapter.manifest.get("base_revision") in (commit, "main")
+    assert (adapter.path / "adapter_model.safetensors").is_file()
+    status = _status(store, run_id)
+    assert status.get("phase") == "succeeded" and status.get("adapter") == adapter.ref
+    assert not (store / "models" / "hub").exists(), "HF_HUB_CACHE must keep the hub cache at <store>/models"
+
+
+@pytest.mark.slow
+def test_trainer_image_checkpoints_and_exits_on_sigterm(replayed, plant_care_model, tmp_path):
+    """ACA stops a replica with SIGTERM and kills it 30 s later: the entrypoint must let python save.
+
+    The run is pinned with LORASTACK_RUN_ID here (the other way to choose it).
+    """
+    _require("lorastack.trainer", "the trainer")
+    _require("lorastack.data", "the dataset checks the trainer runs")
+    image = replayed("trainer")
+    store, home = tmp_path / "store", tmp_path / "home"
+    home.mkdir()
+    run_id = _prepare_run(store, **{"training.max_steps": 100000})
+    _seed_hub_cache(store / "models", TINY_REPO_ID, plant_care_model)
+
+    env = image.container_env(store, home, LORASTACK_RUN_ID=run_id, HF_HUB_OFFLINE="1")
+    log_path = tmp_path / "train.log"
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(
+            image.argv(store, home), env=env, cwd=home, stdout=log_file, stderr=subprocess.STDOUT
+        )
+        try:
+            _assert_pid_is_the_app(proc, image)
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and proc.poll() is None:
+                st = _status(store, run_id)
+                if st.get("phase") == "training" and int(st.get("step") or 0) >= 2:
+                    break
+                time.sleep(0.2)
+            assert proc.poll() is None, f"the trainer exited early:\n{log_path.read_text()[-6000:]}"
+            proc.send_signal(signal.SIGTERM)  # to the entrypoint's PID, as the container runtime does
+            rc = proc.wait(timeout=30)  # within ACA's grace period
+        finally:
+            proc.kill()
+    out = log_path.read_text()
+    assert rc == 143, f"exit {rc}, expected 143 (stopped by SIGTERM, resumable)\n{out[-6000:]}"
+    from lorastack.store import Store
+
+    assert Store(store).latest_checkpoint(run_id) is not None, "no COMPLETE checkpoint after SIGTERM"
+    assert _status(store, run_id).get("phase") == "preempted"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _http(method: str, url: str, body: dict | None = None, key: str | None = None, timeout: float = 60):
+    req = urllib.request.Request(
+        url, method=method, data=json.dumps(body).encode() if body is not None else None
+    )
+    req.add_header("Content-Type", "application/json")
+    if key:
+        req.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return None, ""
+
+
+def _tree_state(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+def _publish_tiny_adapter(store_dir: Path, model_dir: Path, commit: str) -> str:
+    """A real PEFT LoRA adapter over the tiny model, published the way the trainer does (manifest last)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorastack.store import Store
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    )
+    out = store_dir.parent / "adapter-src"
+    peft_model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    store = Store(store_dir).init()
+    published = store.publish_adapter(
+        "image-test", out, {"base_model": TINY_REPO_ID, "base_revision": commit}
+    )
+    return published.name
+
+
+@pytest.mark.slow
+def test_inference_image_serves_the_store_read_only(replayed, plant_care_model, tmp_path):
+    _require("lorastack.serve.server", "the inference server")
+    image = replayed("inference")
+    store, home = tmp_path / "store", tmp_path / "home"
+    home.mkdir()
+    commit = _seed_hub_cache(store / "models", TINY_REPO_ID, plant_care_model)
+    adapter = _publish_tiny_adapter(store, plant_care_model, commit)
+    before = _tree_state(store)
+
+    port = _free_port()
+    key = "ls-test-" + hashlib.sha256(str(tmp_path).encode()).hexdigest()[:24]
+    argv = image.argv(store, home)
+    argv[argv.index("--port") + 1] = str(port)  # like `docker run -p <free>:8000`
+    env = image.container_env(store, home, LORASTACK_API_KEYS=key)
+    log_path = tmp_path / "serve.log"
+    base = f"http://127.0.0.1:{port}"
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(argv, env=env, cwd=home, stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            _assert_pid_is_the_app(proc, image)
+            status = None
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline and proc.poll() is None and status != 200:
+                status, _ = _http("GET", f"{base}/healthz", timeout=5)
+                time.sleep(0.3)
+            assert status == 200, f"/healthz never answered 200\n{log_path.read_text()[-6000:]}"
+
+            deadline = time.monotonic() + 300
+            ready = None
+            while time.monotonic() < deadline and proc.poll() is None:
+                ready, body = _http("GET", f"{base}/readyz", timeout=5)
+                if ready == 200 or (ready == 503 and '"failed"' in body):
+                    break
+                time.sleep(0.5)
+            assert ready == 200, f"/readyz: {ready} {body}\n{log_path.read_text()[-6000:]}"
+
+            # The HEALTHCHECK command works against the running app (port mapped like the app's).
+            health = image.df.final.last("HEALTHCHECK")
+            hc_argv = json.loads(health.text[health.text.index("CMD") + 3 :].strip())
+            hc_argv = [a.replace("127.0.0.1:8000", f"127.0.0.1:{port}") for a in hc_argv]
+            assert subprocess.run(hc_argv, env=env, timeout=30, check=False).returncode == 0
+
+            # API keys come from the environment, as ACA passes its secret.
+            assert _http("GET", f"{base}/v1/models")[0] == 401
+            code, body = _http("GET", f"{base}/v1/models", key=key)
+            assert code == 200 and adapter in [m["id"] for m in json.loads(body)["data"]], body
+            code, body = _http(
+                "POST",
+                f"{base}/v1/chat/completions",
+                key=key,
+                timeout=120,
+                body={
+                    "model": adapter,
+                    "max_tokens": 4,
+                    "messages": [{"role": "user", "content": "How often should I water a snake plant?"}],
+                },
+            )
+            assert code == 200, body
+            assert json.loads(body)["choices"][0]["message"]["role"] == "assistant"
+
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(timeout=30)
+        finally:
+            proc.kill()
+    out = log_path.read_text()
+    # uvicorn shuts down gracefully, then re-raises SIGTERM (exit 143 in a container); a shell that
+    # swallowed the signal would have left it running into the timeout above.
+    assert rc in (0, -signal.SIGTERM), (
+        f"the server did not stop cleanly on SIGTERM (exit {rc})\n{out[-4000:]}"
+    )
+    assert "Application shutdown complete" in out, out[-4000:]
+    assert key not in out, "the API key appeared in the server log"
+    assert _tree_state(store) == before, "the app wrote to the store, which ACA mounts read-only"
