@@ -182,3 +182,9 @@ def test_run_id_is_a_valid_store_name(tmp_path):
 
     spec = load_spec(write_spec(tmp_path, MINIMAL))
     assert check_name(spec.run_id(), "run id").startswith("demo-")
+
+
+@pytest.mark.parametrize("job", sorted((REPO / "jobs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_committed_job_spec_loads(job):
+    spec = load_spec(job)
+    assert spec.data_files()["training"].is_file()
