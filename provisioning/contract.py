@@ -13,6 +13,8 @@ store's models/ directory (HF_HUB_CACHE), which the trainer fills and the app re
 from __future__ import annotations
 
 STORE_MOUNT_PATH = "/mnt/store"
+# Both images run as this non-root user (images/*/Dockerfile: USER 10001:10001).
+IMAGE_UID = 10001
 STORE_VOLUME = "store"
 # The HF cache lives on the share: a replica's ephemeral disk is only 8 GiB, which a base model does not fit.
 HF_HOME = f"{STORE_MOUNT_PATH}/models"
@@ -33,3 +35,11 @@ def inference_command(easy_auth: bool = False) -> tuple[list[str], list[str]]:
     """(command, args) of the inference container; with Easy Auth in front, the UI trusts its sign-in headers."""
     args = ["serve", "--store", STORE_MOUNT_PATH, "--host", "0.0.0.0", "--port", str(INFERENCE_PORT)]
     return ["lorastack"], args + (["--trust-easy-auth"] if easy_auth else [])
+
+
+def store_mount_options(storage_type: str) -> str | None:
+    """SMB mount options so the images' non-root user owns the share's files (an SMB mount is root-owned by
+    default, and the trainer could not write checkpoints). NFS shares keep their own permissions."""
+    if storage_type != "AzureFile":
+        return None
+    return f"uid={IMAGE_UID},gid={IMAGE_UID},mfsymlinks"

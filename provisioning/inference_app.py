@@ -129,7 +129,8 @@ class InferenceApp(pulumi.ComponentResource):
                     )],
                 )],
                 volumes=[app.VolumeArgs(
-                    name=contract.STORE_VOLUME, storage_type=args.storage_type, storage_name=args.storage_name
+                    name=contract.STORE_VOLUME, storage_type=args.storage_type, storage_name=args.storage_name,
+                    mount_options=contract.store_mount_options(args.storage_type),
                 )],
                 scale=app.ScaleArgs(
                     min_replicas=args.min_replicas,

@@ -182,6 +182,10 @@ def test_runs_as_fixed_non_root_uid(kind):
         f"USER {user.text}: use a numeric non-root UID (runAsNonRoot needs it)"
     )
     assert gid == "" or (gid.isdigit() and int(gid) > 0)
+    # The Job and App mount the share for this user (provisioning/contract.py); a mismatch = read-only store.
+    from provisioning import contract
+
+    assert int(uid) == contract.IMAGE_UID, f"USER {uid} but the store is mounted for UID {contract.IMAGE_UID}"
     # Nothing after USER switches back, and the user is created with that UID.
     after = final.instructions[final.instructions.index(user) + 1 :]
     assert not [i for i in after if i.keyword == "USER"]

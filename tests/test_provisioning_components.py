@@ -179,7 +179,11 @@ def test_training_job_inputs(offline):
     assert c["resources"] == {"cpu": 24, "memory": "220Gi"}
     assert c["volumeMounts"] == [{"volumeName": "store", "mountPath": "/mnt/store"}]
     assert env_vars(job)["HF_TOKEN"] == {"name": "HF_TOKEN", "secretRef": "hf-token"}
-    assert job.get("template.volumes") == [{"name": "store", "storageType": "AzureFile", "storageName": "store-k1"}]
+    # the image runs as UID 10001: the SMB mount must be owned by it, or the trainer cannot write checkpoints
+    assert job.get("template.volumes") == [
+        {"name": "store", "storageType": "AzureFile", "storageName": "store-k1",
+         "mountOptions": "uid=10001,gid=10001,mfsymlinks"}
+    ]
 
 
 def test_guard_ephemeral_disk_8gib_hf_cache_on_the_share(offline):
