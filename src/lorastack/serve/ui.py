@@ -70,9 +70,12 @@ def build_ui(state) -> gr.Blocks:
             if not greq.finished:  # the browser went away or the user pressed stop
                 greq.cancel()
 
-    def refresh():
+    def refresh(current=None):
+        """Re-read the store; keep the user's pick if it still exists, else preselect the first adapter."""
         choices = model_choices(state) if state.engine is not None else [state.base_model_id]
-        return gr.Dropdown(choices=choices)
+        if current not in choices:
+            current = choices[1] if len(choices) > 1 else choices[0]
+        return gr.Dropdown(choices=choices, value=current)
 
     with gr.Blocks(title="lorastack chat") as demo:
         gr.Markdown("## lorastack chat\nChat with the base model or any adapter in the store.")
@@ -99,5 +102,5 @@ def build_ui(state) -> gr.Blocks:
             concurrency_limit=None,  # the engine's queue bounds the load, and batches UI users together
         )
         demo.load(refresh, outputs=model)
-        refresh_btn.click(refresh, outputs=model)
+        refresh_btn.click(refresh, inputs=model, outputs=model)
     return demo
