@@ -35,6 +35,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from lorastack.store import SPEC_FILE, STATUS_FILE, Store, claim_key, dataset_key, queue_key, run_key
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -462,20 +464,19 @@ def stage_run(staging_root: Path, spec_path: str | os.PathLike[str], overrides: 
     """
     import yaml
 
-    from lorastack.store import Store
-    from lorastack.trainer import SPEC_FILE, prepare_run
+    from lorastack.trainer import prepare_run
 
     staging = Store(staging_root).init()
     run_id = prepare_run(staging, spec_path, overrides)
-    spec_yaml = (staging.run_dir(run_id) / SPEC_FILE).read_bytes()
+    spec_yaml = (staging.root / run_key(run_id, SPEC_FILE)).read_bytes()
     doc = yaml.safe_load(spec_yaml) or {}
     shas = sorted(set((doc.get("dataset_sha256") or {}).values()))
     staging.enqueue_run(run_id)
     return StagedRun(
         run_id=run_id,
         spec_yaml=spec_yaml,
-        queue_entry=(staging.queue_dir / run_id).read_bytes(),
-        datasets={sha: staging.datasets_dir / f"{sha}.jsonl" for sha in shas},
+        queue_entry=(staging.root / queue_key(run_id)).read_bytes(),
+        datasets={sha: staging.root / dataset_key(sha) for sha in shas},
     )
 
 
@@ -484,11 +485,9 @@ def upload_run(
 ) -> Submission:
     """Copy a staged run onto the share: datasets (once, by sha256), spec.yaml, then the queue entry last
     (``enqueue=False``: it is queued already and keeps its place)."""
-    from lorastack.trainer import SPEC_FILE
-
     sub = Submission(staged.run_id)
     for sha, local in staged.datasets.items():
-        remote = f"datasets/{sha}.jsonl"
+        remote = dataset_key(sha)
         share.ensure_dir("datasets")
         if share.size(remote) == local.stat().st_size:
             sub.skipped.append(remote)
@@ -496,11 +495,11 @@ def upload_run(
         echo(f"uploading dataset ({_mib(local.stat().st_size)}) to {remote}")
         share.put_atomic(remote, local, echo=echo)
         sub.uploaded.append(remote)
-    spec_remote = f"runs/{staged.run_id}/{SPEC_FILE}"
+    spec_remote = run_key(staged.run_id, SPEC_FILE)
     share.put_atomic(spec_remote, staged.spec_yaml)
     sub.uploaded.append(spec_remote)
     if enqueue:
-        queue_remote = f"queue/{staged.run_id}"
+        queue_remote = queue_key(staged.run_id)
         share.put_atomic(queue_remote, staged.queue_entry)
         sub.uploaded.append(queue_remote)
     return sub
@@ -547,7 +546,7 @@ def submit_run(
                 return Submission(staged.run_id, execution=state.claimed_by, already_running=ex_status)
             # Its execution is over (a stopped or failed run submitted again): release the claim so the next
             # execution may take the run; it resumes from the run's last complete checkpoint.
-            share.delete(f"claims/{staged.run_id}")
+            share.delete(claim_key(staged.run_id))
             released = state.claimed_by
         sub = upload_run(share, staged, echo, enqueue=not state.queued)
         sub.released_claim = released
@@ -595,14 +594,14 @@ def read_run(share: ShareStore, run_id: str) -> RunState:
         check_name(run_id, "run id")
     except StoreError as exc:
         raise CloudError(str(exc)) from None
-    status = share.read_json(f"runs/{run_id}/status.json")
-    claim = share.read_bytes(f"claims/{run_id}")
-    queued = share.size(f"queue/{run_id}") is not None
+    status = share.read_json(run_key(run_id, STATUS_FILE))
+    claim = share.read_bytes(claim_key(run_id))
+    queued = share.size(queue_key(run_id)) is not None
     exists = (
         status is not None
         or queued
         or claim is not None
-        or share.size(f"runs/{run_id}/spec.yaml") is not None
+        or share.size(run_key(run_id, SPEC_FILE)) is not None
     )
     return RunState(
         run_id, queued, claim.decode("utf-8", "replace").strip() if claim else None, status, exists
@@ -831,7 +830,7 @@ def status_command(
         queued = {name for name, is_dir in share.list_dir("queue") if not is_dir and not name.startswith(".")}
         rows = []
         for run_id in sorted(set(runs) | queued):
-            status = share.read_json(f"runs/{run_id}/status.json") or {}
+            status = share.read_json(run_key(run_id, STATUS_FILE)) or {}
             rows.append(
                 {
                     "run_id": run_id,

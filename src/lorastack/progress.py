@@ -47,7 +47,7 @@ class RunReporter:
         self.run_dir = store.run_dir(run_id)
         self.status: dict[str, Any] = {}
         self.rows: dict[int, dict[str, Any]] = {}
-        existing = store.read_status(run_id) if (self.run_dir / "status.json").exists() else None
+        existing = store.read_status(run_id)
         if existing:
             self.status.update(existing)
         self._load_results()

@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 MANIFEST = "manifest.json"
+SPEC_FILE = "spec.yaml"
+STATUS_FILE = "status.json"
 LATEST = "LATEST"
 COMPLETE = "COMPLETE"
 DEFAULT_LOCAL_STORE = Path(".lorastack") / "store"
@@ -45,6 +47,24 @@ _TMP_PREFIX = ".tmp-"
 
 class StoreError(Exception):
     """A store object is missing, malformed or does not match its manifest."""
+
+
+# The layout as keys relative to the store root (POSIX). Store builds local paths from them; lorastack.cloud
+# writes the same keys to the Azure Files share over REST, so the layout is defined here only.
+def dataset_key(digest: str) -> str:
+    return f"datasets/{digest}.jsonl"
+
+
+def run_key(run_id: str, name: str) -> str:
+    return f"runs/{check_name(run_id, 'run id')}/{name}"
+
+
+def queue_key(run_id: str) -> str:
+    return f"queue/{check_name(run_id, 'run id')}"
+
+
+def claim_key(run_id: str) -> str:
+    return f"claims/{check_name(run_id, 'run id')}"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -162,7 +182,7 @@ class Store:
         """
         src = Path(src)
         digest = sha256_file(src)
-        dest = self.datasets_dir / f"{digest}.jsonl"
+        dest = self.root / dataset_key(digest)
         if not dest.exists():
             dest.parent.mkdir(parents=True, exist_ok=True)
             tmp = dest.with_name(f"{_TMP_PREFIX}{dest.name}.{uuid.uuid4().hex[:8]}")
@@ -172,7 +192,7 @@ class Store:
 
     def dataset_path(self, digest: str) -> Path:
         """Path of a stored dataset; verifies it exists and still has the content its name claims."""
-        path = self.datasets_dir / f"{digest}.jsonl"
+        path = self.root / dataset_key(digest)
         if not path.is_file():
             raise StoreError(f"dataset {digest} is not in the store at {self.datasets_dir}")
         if sha256_file(path) != digest:
@@ -188,10 +208,10 @@ class Store:
 
     def write_status(self, run_id: str, status: dict[str, Any]) -> None:
         """Atomically replace ``runs/<run-id>/status.json``."""
-        write_json_atomic(self.run_dir(run_id) / "status.json", status)
+        write_json_atomic(self.root / run_key(run_id, STATUS_FILE), status)
 
     def read_status(self, run_id: str) -> dict[str, Any] | None:
-        path = self.run_dir(run_id) / "status.json"
+        path = self.root / run_key(run_id, STATUS_FILE)
         return read_json(path) if path.exists() else None
 
     @staticmethod
@@ -229,7 +249,7 @@ class Store:
 
     def enqueue_run(self, run_id: str) -> None:
         """Queue a prepared run (its spec.yaml already on the store) for the next job execution."""
-        write_bytes_atomic(self.queue_dir / check_name(run_id, "run id"), f"{time.time():.6f}\n".encode())
+        write_bytes_atomic(self.root / queue_key(run_id), f"{time.time():.6f}\n".encode())
 
     def claim_run(self, claimant: str) -> str | None:
         """The run ``claimant`` (a job execution name) owns, else the oldest queued run, claimed atomically.
@@ -303,7 +323,9 @@ class Store:
         if not self.adapters_dir.is_dir():
             return []
         return sorted(
-            d.name for d in self.adapters_dir.iterdir() if d.is_dir() and NAME_RE.match(d.name) and (d / LATEST).is_file()
+            d.name
+            for d in self.adapters_dir.iterdir()
+            if d.is_dir() and NAME_RE.match(d.name) and (d / LATEST).is_file()
         )
 
     def adapter_versions(self, name: str, include_unverified: bool = False) -> list[str]:

@@ -55,7 +55,15 @@ import yaml
 from lorastack import models
 from lorastack.packing import PackedCollator, pack_rows
 from lorastack.progress import RunReporter, utc_now
-from lorastack.store import COMPLETE, Store, StoreError, open_store, write_bytes_atomic, write_json_atomic
+from lorastack.store import (
+    COMPLETE,
+    SPEC_FILE,
+    Store,
+    StoreError,
+    open_store,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 
 if TYPE_CHECKING:
     from lorastack.spec import RunSpec
@@ -68,7 +76,6 @@ EXIT_USAGE = 2
 EXIT_TIME_BUDGET = 3  # stopped itself before the time budget ran out; rerun to continue
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: the replica was asked to stop; rerun (a job retry) resumes
 
-SPEC_FILE = "spec.yaml"
 NEXT_RUN = "next"  # `lorastack train --run next`: claim the oldest run queued on the store
 # Written into every checkpoint: what it was trained from, so a resume with other settings is refused.
 IDENTITY_FILE = "lorastack-run.json"
