@@ -29,6 +29,7 @@ import yaml
 from requests.structures import CaseInsensitiveDict
 
 from lorastack import cloud
+from lorastack.commands import cloud as cloud_cmd
 from lorastack.cli import build_parser
 from lorastack.store import Store
 
@@ -432,14 +433,14 @@ def client_kwargs(fake: FakeAzure) -> dict[str, Any]:
 
 def submit(fake, argv, cred=None, **kw) -> int:
     args = build_parser().parse_args(["finetune", *argv])
-    return cloud.submit_command(
+    return cloud_cmd.submit_command(
         args, credential=cred or FakeCredential(), client_kwargs=client_kwargs(fake), **kw
     )
 
 
 def status(fake, argv, cred=None) -> int:
     args = build_parser().parse_args(["status", *argv])
-    return cloud.status_command(args, credential=cred or FakeCredential(), client_kwargs=client_kwargs(fake))
+    return cloud_cmd.status_command(args, credential=cred or FakeCredential(), client_kwargs=client_kwargs(fake))
 
 
 def write_job(tmp_path, train_text: str | None = None, **extra) -> str:

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from lorastack import trainer
+from lorastack.commands import train as train_cmd
 from lorastack.packing import PackedCollator, pack_rows
 from lorastack.store import COMPLETE, Store, StoreError
 
@@ -114,7 +115,7 @@ def test_qlora_run_lowers_loss_and_publishes_a_loadable_adapter(arch, request, t
 
     monkeypatch.setattr(trainer, "load_base_model", spy_load)
     job = write_job(tmp_path, model_dir, name=f"plants-{arch.split('_')[1]}", max_steps=16)
-    assert trainer.finetune_command(finetune_args(job, store)) == 0
+    assert train_cmd.finetune_command(finetune_args(job, store)) == 0
 
     # It really was QLoRA: NF4 4-bit base layers with double quantization.
     import bitsandbytes as bnb
@@ -169,7 +170,7 @@ def test_merge_16bit_writes_a_merged_model_matching_the_adapter(tmp_path, store,
     job = write_job(
         tmp_path, tiny_llama, name="merged", max_steps=6, validation=None, top={"merge_16bit": True}
     )
-    assert trainer.finetune_command(finetune_args(job, store)) == 0
+    assert train_cmd.finetune_command(finetune_args(job, store)) == 0
     run_id = only_run(store)
     merged_dir = store.run_dir(run_id) / "merged"
     assert (merged_dir / COMPLETE).is_file() and (merged_dir / "config.json").is_file()
@@ -342,7 +343,7 @@ def test_time_budget_stops_with_a_checkpoint_before_it_runs_out(tmp_path, store,
         tmp_path, tiny_llama, name="budget", max_steps=100000, validation=None, top={"time_budget": "20s"}
     )
     t0 = time.monotonic()
-    rc = trainer.finetune_command(finetune_args(job, store))
+    rc = train_cmd.finetune_command(finetune_args(job, store))
     wall = time.monotonic() - t0
     assert rc == trainer.EXIT_TIME_BUDGET
     assert wall < 20.0, wall
@@ -460,7 +461,7 @@ def test_bad_dataset_fails_before_any_model_is_loaded(tmp_path, store, tiny_llam
     monkeypatch.setattr(trainer, "load_tokenizer", must_not_load)
     job = write_job(tmp_path, tiny_llama, name="bad", train=bad, validation=None)
     t0 = time.monotonic()
-    rc = trainer.finetune_command(finetune_args(job, store))
+    rc = train_cmd.finetune_command(finetune_args(job, store))
     elapsed = time.monotonic() - t0
     assert rc == trainer.EXIT_FAILED
     assert elapsed < 1.0, elapsed
@@ -493,7 +494,7 @@ def test_finetune_without_local_submits_to_azure_and_names_missing_stack_outputs
     for var in ("LORASTACK_OUTPUTS", "LORASTACK_SUBSCRIPTION_ID", "AZURE_SUBSCRIPTION_ID"):
         monkeypatch.delenv(var, raising=False)
     job = write_job(tmp_path, tiny_llama)
-    assert trainer.finetune_command(finetune_args(job, store, local=False)) == 1
+    assert train_cmd.finetune_command(finetune_args(job, store, local=False)) == 1
     assert "subscriptionId" in capsys.readouterr().err
 
 
@@ -505,7 +506,7 @@ def test_unreachable_base_model_names_the_model_and_where_it_looked(tmp_path, st
     spec = yaml.safe_load(job.read_text())
     spec["base_model"] = "example-org/not-cached-model"
     job.write_text(yaml.safe_dump(spec))
-    assert trainer.finetune_command(finetune_args(job, store)) == trainer.EXIT_FAILED
+    assert train_cmd.finetune_command(finetune_args(job, store)) == trainer.EXIT_FAILED
     status = store.read_status(only_run(store))
     assert status["phase"] == "failed"
     for expected in (
@@ -561,7 +562,7 @@ def test_train_run_next_claims_the_oldest_queued_run(tmp_path, store, monkeypatc
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("CONTAINER_APP_JOB_EXECUTION_NAME", "trainer-job-abc12")
     args = argparse.Namespace(store=str(store.root), run="next")
-    assert trainer.train_command(args) == trainer.EXIT_OK  # nothing queued: nothing to do
+    assert train_cmd.train_command(args) == trainer.EXIT_OK  # nothing queued: nothing to do
     assert "no queued run" in capsys.readouterr().err
 
     job = write_job(tmp_path, Path("unused"), name="queued", validation=None)
@@ -570,7 +571,7 @@ def test_train_run_next_claims_the_oldest_queued_run(tmp_path, store, monkeypatc
     job.write_text(yaml.safe_dump(doc))
     run_id = trainer.prepare_run(store, job)
     store.enqueue_run(run_id)
-    assert trainer.train_command(argparse.Namespace(store=str(store.root), run="next")) == trainer.EXIT_FAILED
+    assert train_cmd.train_command(argparse.Namespace(store=str(store.root), run="next")) == trainer.EXIT_FAILED
     assert (store.claims_dir / run_id).read_text().strip() == "trainer-job-abc12"
     assert not (store.queue_dir / run_id).exists()
     status = store.read_status(run_id)

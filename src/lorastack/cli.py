@@ -14,9 +14,9 @@ import sys
 # subcommand -> "module:function" (imported lazily)
 HANDLERS = {
     "validate": "lorastack.data:validate_command",
-    "finetune": "lorastack.trainer:finetune_command",
-    "train": "lorastack.trainer:train_command",
-    "status": "lorastack.cloud:status_command",
+    "finetune": "lorastack.commands.train:finetune_command",
+    "train": "lorastack.commands.train:train_command",
+    "status": "lorastack.commands.cloud:status_command",
     "serve": "lorastack.serve.server:serve_command",
     "demo": "lorastack.demo:demo_command",
     "plan": "provisioning.plan:plan_command",
