@@ -118,3 +118,14 @@ def test_queued_runs_are_claimed_once_and_a_retry_gets_its_run_back(store):
     assert store.claim_run("exec-3") is None
     # ACA restarts a failed replica within the same execution: it must resume its own run.
     assert store.claim_run("exec-1") == "a-1"
+
+
+def test_rollback_target_undoes_promotions_in_order_and_skips_deleted_versions():
+    from lorastack.store import promotion_entry, rollback_target
+
+    history = [promotion_entry(v, "promote", "test") for v in ("v1", "v2", "v3")]
+    assert rollback_target(history, "v3", {"v1", "v2", "v3"}) == "v2"
+    history.append(promotion_entry("v2", "rollback", "from v3"))
+    assert rollback_target(history, "v2", {"v1", "v2", "v3"}) == "v1"  # a second rollback goes further back
+    assert rollback_target(history, "v2", {"v2", "v3"}) is None  # v1 deleted: nothing to go back to
+    assert rollback_target([], None, set()) is None

@@ -10,7 +10,9 @@ The store is a directory tree (an Azure Files share in the cloud, a plain direct
       runs/<run-id>/results.csv          per-step metrics (Azure fine-tuning column names)
       runs/<run-id>/checkpoints/checkpoint-<step>/COMPLETE
       adapters/<name>/<version>/         PEFT files + manifest.json (written last)
-      adapters/<name>/LATEST             names the current version; written last
+      adapters/<name>/LATEST             names the current (promoted) version; written last
+      adapters/<name>/promotions.json    every move of LATEST, oldest first (see promotion_history)
+      adapters/<name>/<version>/eval.json  `lorastack eval`'s result for that version (not in the manifest)
       queue/<run-id>                     runs submitted to the cloud job, oldest first
       claims/<run-id>                    which job execution took a queued run
 
@@ -38,6 +40,8 @@ SPEC_FILE = "spec.yaml"
 STATUS_FILE = "status.json"
 LATEST = "LATEST"
 COMPLETE = "COMPLETE"
+PROMOTIONS = "promotions.json"
+EVAL_FILE = "eval.json"
 DEFAULT_LOCAL_STORE = Path(".lorastack") / "store"
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
@@ -65,6 +69,41 @@ def queue_key(run_id: str) -> str:
 
 def claim_key(run_id: str) -> str:
     return f"claims/{check_name(run_id, 'run id')}"
+
+
+def adapter_key(name: str, *parts: str) -> str:
+    """``adapters/<name>[/<part>...]``, e.g. ``adapter_key("travel", LATEST)`` or ``adapter_key("travel", "v3", EVAL_FILE)``."""
+    return "/".join([f"adapters/{check_name(name)}", *parts])
+
+
+# promotions.json is a JSON list, oldest first, of {"version": "v3", "action": "promote" | "rollback",
+# "at": ISO-8601 UTC, "reason": "..."}; it is rewritten atomically *before* LATEST moves, so LATEST never names a
+# version the history does not explain. Local stores and the cloud share apply the same pure functions below.
+def promotion_entry(version: str, action: str, reason: str) -> dict[str, str]:
+    """One promotions.json entry (``action`` is "promote" or "rollback")."""
+    if action not in ("promote", "rollback"):
+        raise ValueError(f"unknown promotion action {action!r}")
+    return {"version": version, "action": action, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "reason": reason}
+
+
+def rollback_target(history: list[dict[str, Any]], current: str | None, available: set[str]) -> str | None:
+    """The version LATEST should go back to from ``current``: the one promoted before it, skipping versions
+    no longer ``available`` (deleted or unverifiable). Rollbacks undo promotions in order, so rolling back
+    twice goes two promotions back. None when there is nothing to go back to."""
+    stack: list[str] = []
+    for entry in history:
+        if entry.get("action") == "rollback":
+            if stack:
+                stack.pop()
+        elif entry.get("version"):
+            stack.append(str(entry["version"]))
+    if stack and stack[-1] == current:
+        stack.pop()
+    for version in reversed(stack):
+        if version != current and version in available:
+            return version
+    return None
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
