@@ -13,6 +13,15 @@ tokenizer's *own* template by rendering the conversation incrementally:
   special token after the content (the end-of-turn token: ``<|eot_id|>``, ``<|end|>``, ``<|im_end|>``),
   but not the whitespace or eos that some templates append after it.
 
+Rendering every prefix of a conversation costs time quadratic in its length, so the prefixes are
+rendered per *block* (a user turn and the answers up to the next user turn, behind the system prompt),
+and the blocks' renders are used only when they tile the render of the whole conversation exactly;
+otherwise the whole-conversation prefixes are rendered, within a work budget proportional to the
+conversation's size (a conversation over the budget is a :class:`ChatTemplateError`, never a hang).
+Truncation renders only the candidate conversations a binary search over the kept history visits. So
+encoding is linear in the conversation's size for templates that render turn by turn (all the common
+families), and bounded for any template.
+
 Character spans are mapped to tokens with the fast tokenizer's offsets; a slow tokenizer (no offsets)
 uses the token-prefix property instead. torch and transformers are never imported here: the caller
 passes a tokenizer.
@@ -62,11 +71,55 @@ class EncodedChat:
         return [t if m else ignore_index for t, m in zip(self.input_ids, self.assistant_mask)]
 
 
+# Work allowed for locating the turns of one conversation, in "units" (a rendered message counts as
+# MESSAGE_UNITS characters): BUDGET_FACTOR times the conversation's own size, plus a floor. Turn-by-turn
+# templates need about 6x; rendering every prefix of a long conversation needs far more.
+MESSAGE_UNITS = 32
+BUDGET_FACTOR = 16
+BUDGET_FLOOR = 20_000_000
+# Conversations with fewer blocks (user turn + answers) are located by rendering every prefix: as cheap.
+WINDOW_MIN_BLOCKS = 4
+
+
 def _is_trained(message: Message) -> bool:
     return message.get("role") == "assistant" and message.get("weight", 1) != 0
 
 
-def _render(tokenizer: Any, messages: Sequence[Message], add_generation_prompt: bool) -> str:
+def _size(messages: Sequence[Message]) -> int:
+    """Work units of rendering ``messages``: a fixed cost per message plus its content's length."""
+    total = 0
+    for m in messages:
+        content = m.get("content")
+        total += MESSAGE_UNITS + (len(content) if isinstance(content, str) else MESSAGE_UNITS)
+    return total
+
+
+class _Budget:
+    """Render work left for one conversation; raises :class:`ChatTemplateError` once it is spent."""
+
+    def __init__(self, messages: Sequence[Message]):
+        self.n_messages = len(messages)
+        self.left = BUDGET_FACTOR * _size(messages) + BUDGET_FLOOR
+
+    def charge(self, messages: Sequence[Message]) -> None:
+        self.left -= _size(messages)
+        if self.left < 0:
+            raise _OverBudget(
+                f"this conversation ({self.n_messages} messages) is too long to locate its assistant turns "
+                "under this chat template, which renders each turn differently depending on what follows; "
+                "split it into shorter conversations"
+            )
+
+
+class _OverBudget(ChatTemplateError):
+    pass
+
+
+def _render(
+    tokenizer: Any, messages: Sequence[Message], add_generation_prompt: bool, budget: _Budget | None = None
+) -> str:
+    if budget is not None:
+        budget.charge(messages)
     try:
         text = tokenizer.apply_chat_template(
             list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
@@ -102,25 +155,37 @@ def _special_ids(tokenizer: Any) -> set[int]:
     return ids
 
 
+def _leading_system(messages: Sequence[Message]) -> int:
+    n = 0
+    while n < len(messages) and messages[n].get("role") == "system":
+        n += 1
+    return n
+
+
 def _assistant_char_spans(
-    tokenizer: Any, messages: Sequence[Message], text: str
+    tokenizer: Any,
+    messages: Sequence[Message],
+    text: str,
+    budget: _Budget | None = None,
+    stop: int | None = None,
 ) -> list[tuple[int, int, int]]:
-    """(turn_start, content_end, turn_end) character positions in ``text`` of each trained assistant turn."""
+    """(turn_start, content_end, turn_end) character positions in ``text`` of each trained assistant turn
+    (of the messages before index ``stop``), from the renders of the conversation's prefixes."""
     spans = []
     cursor = 0
-    for i, msg in enumerate(messages):
+    for i, msg in enumerate(messages[:stop]):
         if msg.get("role") != "assistant":
             continue
-        turn_end_text = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        turn_end_text = _render(tokenizer, messages[: i + 1], False, budget)
         end = _common_prefix_len(turn_end_text, text)
         if not _is_trained(msg):
             cursor = max(cursor, end)
             continue
-        prompt = _render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        prompt = _render(tokenizer, messages[:i], True, budget) if i else ""
         content = msg.get("content") or ""
         if isinstance(content, list):  # content parts: the text parts are what the template shows
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        stripped = content.strip()
+        stripped = content.strip() if isinstance(content, str) else ""
         if i and text.startswith(prompt) and len(prompt) >= cursor:
             start = len(prompt)
         else:
@@ -142,8 +207,84 @@ def _assistant_char_spans(
     return spans
 
 
+def _block_starts(messages: Sequence[Message], n_system: int) -> list[int]:
+    """Where each block starts: the first message after the system prompt, then every later user turn."""
+    return [n_system] + [k for k in range(n_system + 1, len(messages)) if messages[k].get("role") == "user"]
+
+
+def _windowed_spans(
+    tokenizer: Any, messages: Sequence[Message], text: str, budget: _Budget
+) -> list[tuple[int, int, int]] | None:
+    """The spans of :func:`_assistant_char_spans`, in time linear in the conversation's size.
+
+    Each block (a user turn and what follows up to the next user turn) is rendered alone behind the
+    system prompt (a one-character stand-in after the first block, so a long system prompt is not
+    rendered once per block), followed by the next block's first message, so that the block's prefixes
+    can be rendered cheaply. The blocks' texts are trusted only if, laid end to end, they reproduce
+    ``text`` exactly; otherwise None (the caller renders the whole conversation's prefixes).
+    """
+    n_system = _leading_system(messages)
+    starts = _block_starts(messages, n_system)
+    ends = starts[1:] + [len(messages)]
+    stand_in = [dict(m, content="S") if isinstance(m.get("content"), str) else m for m in messages[:n_system]]
+    head_cache: dict[int, str] = {}
+    out: list[tuple[int, int, int]] = []
+    pos = 0
+    for b, (s0, s1) in enumerate(zip(starts, ends)):
+        system = list(messages[:n_system]) if b == 0 else stand_in
+        block = list(messages[s0:s1])
+        window = system + block + list(messages[s1 : s1 + 1])
+        rendered = _render(tokenizer, window, False, budget)
+        key = 0 if b == 0 else 1
+        if key not in head_cache:
+            head_cache[key] = _render(tokenizer, system, False, budget)
+        anchor = _common_prefix_len(head_cache[key], rendered)
+        if s1 < len(messages):
+            block_end = _common_prefix_len(_render(tokenizer, system + block, False, budget), rendered)
+        else:
+            block_end = len(rendered)
+        if b == 0:
+            if not text.startswith(rendered[:anchor]):
+                return None
+            pos = anchor
+        piece = rendered[anchor:block_end]
+        if not text.startswith(piece, pos):
+            return None
+        offset = pos - anchor
+        for start, content_end, end in _assistant_char_spans(
+            tokenizer, window, rendered, budget, stop=len(system) + len(block)
+        ):
+            if start < anchor or end > block_end:
+                return None  # the turn reaches outside its block's text: not a turn-by-turn template
+            out.append((start + offset, content_end + offset, end + offset))
+        pos += len(piece)
+    return out if pos == len(text) else None
+
+
+def _turn_spans(tokenizer: Any, messages: Sequence[Message], text: str) -> list[tuple[int, int, int]]:
+    """The trained assistant turns' character spans: per block when the template allows it, else whole."""
+    if not any(_is_trained(m) for m in messages):
+        return []
+    if len(_block_starts(messages, _leading_system(messages))) >= WINDOW_MIN_BLOCKS:
+        try:
+            spans = _windowed_spans(tokenizer, messages, text, _Budget(messages))
+        except _OverBudget:
+            raise
+        except ChatTemplateError:  # e.g. a template that refuses a conversation opened mid-way
+            spans = None
+        if spans is not None:
+            return spans
+    return _assistant_char_spans(tokenizer, messages, text, _Budget(messages))
+
+
 def _tokenize(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]] | None]:
     # Templates already contain bos/eos, so no special tokens are added (as apply_chat_template does).
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ChatTemplateError(
+            f"the conversation holds a lone UTF-16 surrogate ({text[exc.start]!r}), which no tokenizer encodes"
+        ) from None
     try:
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
@@ -163,13 +304,18 @@ def _token_prefix_index(tokenizer: Any, text: str, ids: list[int], char_pos: int
     return len(prefix)
 
 
-def _encode_full(tokenizer: Any, messages: Sequence[Message]) -> tuple[list[int], list[int]]:
-    text = _render(tokenizer, messages, add_generation_prompt=False)
-    ids, offsets = _tokenize(tokenizer, text)
+def _mask(
+    tokenizer: Any,
+    messages: Sequence[Message],
+    text: str,
+    ids: list[int],
+    offsets: list[tuple[int, int]] | None,
+) -> list[int]:
+    """The loss mask of ``ids`` (the tokens of ``text``, the render of ``messages``)."""
     mask = [0] * len(ids)
-    spans = _assistant_char_spans(tokenizer, messages, text)
+    spans = _turn_spans(tokenizer, messages, text)
     if not spans:
-        return ids, mask
+        return mask
     special = _special_ids(tokenizer)
     token_starts = [s for s, _ in offsets] if offsets is not None else []
     for start, content_end, end in spans:
@@ -204,7 +350,13 @@ def _encode_full(tokenizer: Any, messages: Sequence[Message]) -> tuple[list[int]
                     break
             for t in range(t0, last + 1):
                 mask[t] = 1
-    return ids, mask
+    return mask
+
+
+def _encode_full(tokenizer: Any, messages: Sequence[Message]) -> tuple[list[int], list[int]]:
+    text = _render(tokenizer, messages, add_generation_prompt=False)
+    ids, offsets = _tokenize(tokenizer, text)
+    return ids, _mask(tokenizer, messages, text, ids, offsets)
 
 
 def _check_messages(messages: Any) -> list[Message]:
@@ -221,36 +373,54 @@ def encode_chat(tokenizer: Any, messages: Sequence[Message], max_seq_len: int | 
     ``max_seq_len``, whole earlier turns after the leading system message(s) are dropped (oldest first)
     until it fits; the final trained assistant answer is never cut silently: if even the last exchange
     does not fit, the result is cut at ``max_seq_len`` and ``final_answer_cut`` is set.
+
+    Time is linear in the conversation's size for turn-by-turn templates, and bounded for any template
+    (:class:`ChatTemplateError` when a conversation is too long to locate its turns).
     """
     messages = _check_messages(messages)
-    ids, mask = _encode_full(tokenizer, messages)
+    text = _render(tokenizer, messages, add_generation_prompt=False)
+    ids, offsets = _tokenize(tokenizer, text)
     full_length = len(ids)
     if max_seq_len is None or full_length <= max_seq_len:
-        return EncodedChat(ids, mask, full_length=full_length)
+        return EncodedChat(ids, _mask(tokenizer, messages, text, ids, offsets), full_length=full_length)
     if max_seq_len <= 0:
         raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")
 
-    n_system = 0
-    while n_system < len(messages) and messages[n_system].get("role") == "system":
-        n_system += 1
+    n_system = _leading_system(messages)
     trained = [i for i, m in enumerate(messages) if _is_trained(m)]
     if not trained:  # nothing to protect: cut the end
-        return EncodedChat(ids[:max_seq_len], mask[:max_seq_len], truncated=True, full_length=full_length)
+        return EncodedChat(ids[:max_seq_len], [0] * max_seq_len, truncated=True, full_length=full_length)
     final = trained[-1]
     # Candidate starts for the kept history: the first non-system message, then each later user turn.
     starts = [n_system] + [j for j in range(n_system + 1, final) if messages[j].get("role") == "user"]
-    best: tuple[list[int], list[int], int] | None = None
-    for j in starts:
-        kept = messages[:n_system] + messages[j : final + 1]
-        c_ids, c_mask = (
-            (ids, mask) if j == n_system and final == len(messages) - 1 else _encode_full(tokenizer, kept)
-        )
-        best = (c_ids, c_mask, len(messages) - len(kept))
+    tried: dict[int, tuple[list[int], list[int], int]] = {}
+
+    def attempt(k: int) -> tuple[list[int], list[int], int]:
+        if k not in tried:
+            j = starts[k]
+            kept = messages[:n_system] + messages[j : final + 1]
+            if j == n_system and final == len(messages) - 1:
+                c_ids, c_mask = ids, _mask(tokenizer, messages, text, ids, offsets)
+            else:
+                c_ids, c_mask = _encode_full(tokenizer, kept)
+            tried[k] = (c_ids, c_mask, len(messages) - len(kept))
+        return tried[k]
+
+    def fits(k: int) -> bool:
         # It fits if nothing trained lies beyond the limit (trailing template tokens may be cut).
-        if not any(c_mask[max_seq_len:]):
-            break
-    assert best is not None
-    c_ids, c_mask, dropped = best
+        return not any(attempt(k)[1][max_seq_len:])
+
+    # The oldest start that fits (dropping more history never makes a conversation longer): a binary
+    # search renders O(log n) candidates, mostly short ones, instead of every one.
+    lo, hi = 0, len(starts) - 1
+    if fits(hi):
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if fits(mid):
+                hi = mid
+            else:
+                lo = mid + 1
+    c_ids, c_mask, dropped = attempt(hi)
     cut = any(c_mask[max_seq_len:])
     return EncodedChat(
         c_ids[:max_seq_len],
