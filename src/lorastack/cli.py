@@ -13,7 +13,7 @@ import sys
 
 # subcommand -> "module:function" (imported lazily)
 HANDLERS = {
-    "validate": "lorastack.data:validate_command",
+    "validate": "lorastack.commands.data:validate_command",
     "finetune": "lorastack.commands.train:finetune_command",
     "train": "lorastack.commands.train:train_command",
     "status": "lorastack.commands.cloud:status_command",
@@ -58,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a validation JSONL file (no 10-example minimum; examples without answers are warnings); repeatable",
     )
     p.add_argument("--base-model", metavar="M", help="count tokens with this model's tokenizer and chat template")
+    p.add_argument("--base-revision", metavar="REV", help="revision of --base-model (hub commit, branch or tag)")
+    p.add_argument(
+        "--store",
+        metavar="DIR",
+        help="store whose model cache (<store>/models) --base-model is looked up in, as finetune does "
+        "(default: $LORASTACK_STORE or ./.lorastack/store; HF_HOME or HF_HUB_CACHE win when set)",
+    )
     p.add_argument("--max-seq-len", type=int, metavar="N", help="per-example token limit (default: model context)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 

@@ -11,6 +11,11 @@ OpenAI cookbook's (``invalid_json``, ``missing_content``, ...). Files are stream
 counters are kept (token-length histograms for exact percentiles; at most
 ``MAX_STORED_PER_CODE`` problems per code are kept verbatim), so memory does not grow with file size.
 
+No byte sequence makes the checks raise: undecodable bytes, a BOM in mid-file, JSON nested too deeply,
+integer literals too long to convert, ``NaN``, lone UTF-16 surrogates and lines over
+``MAX_LINE_BYTES`` are each a ``file:line`` diagnostic, and the work per line is linear in its size
+(``lorastack.chat`` encodes a conversation in linear time).
+
 This module imports only the standard library; ``transformers`` is imported when a tokenizer is loaded.
 """
 
@@ -20,9 +25,9 @@ import codecs
 import json
 import math
 import os
-import sys
+import re
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -35,13 +40,18 @@ ALLOWED_MESSAGE_KEYS = ("role", "content", "name", "weight", "tool_calls", "tool
 MIN_TRAINING_EXAMPLES = 10  # Azure OpenAI refuses smaller training files
 AZURE_MAX_FILE_BYTES = 512 * 1024 * 1024
 MAX_STORED_PER_CODE = 50
+MAX_LINE_BYTES = 32 * 1024 * 1024  # a line this long is far beyond any model's context; it is not parsed
+MAX_INT_DIGITS = 4300  # Python's int-from-string limit (sys.get_int_max_str_digits default)
+SHOWN_VALUE_CHARS = 60  # values quoted in messages are cut to this length
 
 # Problem codes and what each means: the reference for users (README) and for the severity policy.
 CODES: dict[str, str] = {
     "unreadable_file": "the file does not exist or cannot be read",
     "invalid_utf8": "the line is not valid UTF-8 (save the file as UTF-8; a BOM is fine)",
     "blank_line": "an empty line (skipped)",
-    "invalid_json": "the line is not one JSON value",
+    "invalid_json": "the line is not one JSON value (or uses NaN/Infinity, huge numbers or deep nesting)",
+    "line_too_long": f"the line is longer than {MAX_LINE_BYTES // 2**20} MB and is not parsed",
+    "lone_surrogate": "a string holds a lone UTF-16 surrogate escape (e.g. \\ud800), which is not text",
     "data_type": "the line (or a message) is not a JSON object, or a field has the wrong type",
     "missing_messages_list": "no non-empty 'messages' list",
     "message_missing_key": "a message lacks 'role' or 'content'",
@@ -59,7 +69,12 @@ CODES: dict[str, str] = {
     "too_few_examples": f"fewer than {MIN_TRAINING_EXAMPLES} examples (Azure refuses smaller training files)",
     "no_trainable_examples": "no example has anything to train on",
     "file_too_large": "larger than Azure's 512 MB upload limit",
+    "max_seq_len_over_context": "max_seq_len is beyond the base model's context length",
+    "internal_error": "a check failed unexpectedly on this line (a lorastack bug: please report it)",
 }
+# Problems found without a tokenizer; ``validate_file(structure_warnings=False)`` omits these warnings
+# when the structure pass already reported them (the trainer's second, token-level pass).
+TOKEN_CODES = frozenset({"too_long", "final_answer_truncated", "template_error", "max_seq_len_over_context"})
 
 
 @dataclass(frozen=True)
@@ -154,6 +169,7 @@ class Report:
     messages_per_example: Histogram = field(default_factory=Histogram)
     tokens: Histogram = field(default_factory=Histogram)
     assistant_tokens: Histogram = field(default_factory=Histogram)
+    structure_warnings: bool = True  # False: leave out warnings that need no tokenizer (reported before)
 
     @property
     def errors(self) -> list[Problem]:
@@ -183,6 +199,8 @@ class Report:
         return suggested_epochs(self.trainable_examples) if self.purpose == "train" else None
 
     def add(self, line: int | None, code: str, message: str, severity: Severity = "error") -> None:
+        if severity == "warning" and not self.structure_warnings and code not in TOKEN_CODES:
+            return
         counts = self.error_counts if severity == "error" else self.warning_counts
         counts[code] += 1
         if counts[code] <= MAX_STORED_PER_CODE:
@@ -236,13 +254,43 @@ class DataValidationError(ValueError):
 # -- reading -------------------------------------------------------------------------------------
 
 
-def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """(line number, raw bytes without the line ending), streamed; the UTF-8 BOM is removed."""
+def _lines(path: Path) -> Iterator[tuple[int, bytes | None, int]]:
+    """(line number, raw bytes without the line ending, size in bytes), streamed; the first line's UTF-8
+    BOM is removed. A line over MAX_LINE_BYTES is skipped in bounded memory and yielded as None."""
     with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
+        lineno = 0
+        while raw := fh.readline(MAX_LINE_BYTES + 1):
+            lineno += 1
+            size = len(raw)
+            if size > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                while raw and not raw.endswith(b"\n"):
+                    raw = fh.readline(1 << 20)
+                    size += len(raw)
+                yield lineno, None, size
+                continue
             if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
                 raw = raw[len(codecs.BOM_UTF8) :]
-            yield lineno, raw.rstrip(b"\r\n")
+            yield lineno, raw.rstrip(b"\r\n"), size
+
+
+class _BadNumber(ValueError):
+    """A JSON number the checks refuse (NaN/Infinity, or an integer literal too long to convert)."""
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        digits = len(text.lstrip("-"))
+        raise _BadNumber(f"an integer literal has {digits:,} digits (at most {MAX_INT_DIGITS:,})")
+    return int(text)
+
+
+def _parse_constant(name: str) -> Any:
+    raise _BadNumber(f"{name} is not valid JSON (JSON has no NaN or Infinity)")
+
+
+def _loads(text: str) -> Any:
+    """Strict JSON: NaN/Infinity and integer literals over MAX_INT_DIGITS digits raise _BadNumber."""
+    return json.loads(text, parse_int=_parse_int, parse_constant=_parse_constant)
 
 
 def read_examples(path: str | os.PathLike[str]) -> Iterator[tuple[int, list[dict[str, Any]]]]:
@@ -251,12 +299,14 @@ def read_examples(path: str | os.PathLike[str]) -> Iterator[tuple[int, list[dict
     For data that :func:`validate_file` accepted; raises ValueError naming the line otherwise.
     """
     path = Path(path)
-    for lineno, raw in _lines(path):
+    for lineno, raw, size in _lines(path):
+        if raw is None:
+            raise ValueError(f"{path}:{lineno}: the line is {size:,} bytes, over {MAX_LINE_BYTES:,}")
         if not raw.strip():
             continue
         try:
-            obj = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            obj = _loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise ValueError(f"{path}:{lineno}: not a UTF-8 JSON line ({exc})") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
             raise ValueError(f"{path}:{lineno}: expected an object with a 'messages' list")  # noqa: TRY004
@@ -264,6 +314,37 @@ def read_examples(path: str | os.PathLike[str]) -> Iterator[tuple[int, list[dict
 
 
 # -- checks --------------------------------------------------------------------------------------
+
+
+def _short(value: Any) -> str:
+    """``repr(value)``, cut to SHOWN_VALUE_CHARS characters (a diagnostic never echoes a huge value)."""
+    try:
+        big = isinstance(value, (dict, list)) and len(value) >= 20
+        text = f"<{type(value).__name__}>" if big else repr(value)
+    except RecursionError:
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= SHOWN_VALUE_CHARS else text[: SHOWN_VALUE_CHARS - 3] + "..."
+
+
+_LONE_SURROGATE = re.compile(
+    r"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+    r"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+)
+
+
+def _lone_surrogate(text: str, obj: Any) -> str | None:
+    """A description of the first lone UTF-16 surrogate escape in the parsed line, or None."""
+    if "\\u" not in text:
+        return None  # JSON text that is valid UTF-8 can only carry surrogates as \u escapes
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        match = _LONE_SURROGATE.search(text)
+        where = f" ({match.group(0)} at column {match.start() + 1})" if match else ""
+        return f"a string holds a lone UTF-16 surrogate escape{where}, which is not text; fix or remove it"
+    except (ValueError, RecursionError):  # nesting the parser accepted but the encoder does not
+        return None
+    return None
 
 
 def _check_structure(messages: Any, add) -> bool:
@@ -279,21 +360,22 @@ def _check_structure(messages: Any, add) -> bool:
             ok = False
             continue
         role = msg.get("role")
-        where = f"message {i} ({role})" if isinstance(role, str) else where
+        where = f"message {i} ({_short(role)[1:-1]})" if isinstance(role, str) else where
         unknown = [k for k in msg if k not in ALLOWED_MESSAGE_KEYS]
         if unknown:
+            shown = ", ".join(_short(k) for k in unknown[:5])
+            shown += f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
             add(
                 "message_unrecognized_key",
-                f"{where} has unrecognized key(s) {', '.join(map(repr, unknown))}; allowed: "
-                + ", ".join(ALLOWED_MESSAGE_KEYS),
+                f"{where} has unrecognized key(s) {shown}; allowed: " + ", ".join(ALLOWED_MESSAGE_KEYS),
             )
             ok = False
         has_call = role == "assistant" and bool(msg.get("tool_calls") or msg.get("function_call"))
         if "role" not in msg:
             add("message_missing_key", f"{where} has no 'role'")
             ok = False
-        elif role not in ALLOWED_ROLES:
-            add("unrecognized_role", f"{where}: role {role!r} is not one of {', '.join(ALLOWED_ROLES)}")
+        elif not isinstance(role, str) or role not in ALLOWED_ROLES:
+            add("unrecognized_role", f"{where}: role {_short(role)} is not one of {', '.join(ALLOWED_ROLES)}")
             ok = False
         if "content" not in msg and not has_call:
             add("message_missing_key", f"{where} has no 'content'")
@@ -312,8 +394,8 @@ def _check_structure(messages: Any, add) -> bool:
             if role != "assistant":
                 add("invalid_weight", f"{where}: 'weight' is only allowed on assistant messages")
                 ok = False
-            elif isinstance(weight, bool) or weight not in (0, 1):
-                add("invalid_weight", f"{where}: weight must be 0 or 1, got {weight!r}")
+            elif isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight not in (0, 1):
+                add("invalid_weight", f"{where}: weight must be 0 or 1, got {_short(weight)}")
                 ok = False
         if "name" in msg and not isinstance(msg["name"], str):
             add("data_type", f"{where}: 'name' must be a string")
@@ -321,7 +403,20 @@ def _check_structure(messages: Any, add) -> bool:
         if "tool_calls" in msg and not isinstance(msg["tool_calls"], list):
             add("data_type", f"{where}: 'tool_calls' must be a list")
             ok = False
+        if "tool_call_id" in msg and not isinstance(msg["tool_call_id"], str):
+            add("data_type", f"{where}: 'tool_call_id' must be a string")
+            ok = False
     return ok
+
+
+def context_limit(tokenizer: Any) -> int | None:
+    """The model context a tokenizer declares (``model_max_length``), or None when it declares none
+    (transformers uses a huge placeholder then)."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) and 0 < limit < 10_000_000 else None
+
+
+OnEncoded = Callable[[int, Any], None]
 
 
 def validate_file(
@@ -329,25 +424,46 @@ def validate_file(
     tokenizer: Any = None,
     max_seq_len: int | None = None,
     purpose: Purpose = "train",
+    *,
+    display_name: str | None = None,
+    context_length: int | None = None,
+    structure_warnings: bool = True,
+    on_encoded: OnEncoded | None = None,
 ) -> Report:
     """Check one chat JSONL file in a single streaming pass and return its :class:`Report`.
 
     With a ``tokenizer`` (the base model's, with its chat template) every example is encoded with
     :func:`lorastack.chat.encode_chat`: token statistics are collected and examples over
-    ``max_seq_len`` (default: the tokenizer's ``model_max_length``) are reported. ``purpose`` selects
-    the severity of dataset-level rules: a training file needs at least 10 examples, an assistant
-    message in every example and something to train on; for a validation file these are warnings.
+    ``max_seq_len`` (default: the model's context, ``context_length`` or the tokenizer's
+    ``model_max_length``) are reported; a ``max_seq_len`` beyond that context is an error. ``purpose``
+    selects the severity of dataset-level rules: a training file needs at least 10 examples, an
+    assistant message in every example and something to train on; for a validation file these are
+    warnings.
+
+    ``display_name``: the name problems are reported under (e.g. the user's file when ``path`` is the
+    store's content-addressed copy). ``structure_warnings=False`` leaves out the warnings a pass without
+    a tokenizer already reported. ``on_encoded(line, encoded)`` receives each trainable example's
+    :class:`lorastack.chat.EncodedChat`, so a caller can train on exactly what was checked without
+    encoding it again. Never raises on the file's contents: every problem is in the report.
     """
     if purpose not in ("train", "validation"):
         raise ValueError(f"purpose must be 'train' or 'validation', got {purpose!r}")
     path = Path(path)
-    report = Report(file=str(path), purpose=purpose)
-    train = purpose == "train"
+    report = Report(file=display_name or str(path), purpose=purpose)
+    report.structure_warnings = structure_warnings
     if tokenizer is not None:
         report.tokenizer = getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
+        context = context_length or context_limit(tokenizer)
         if max_seq_len is None:
-            limit = getattr(tokenizer, "model_max_length", None)
-            max_seq_len = limit if isinstance(limit, int) and 0 < limit < 10_000_000 else None
+            max_seq_len = context
+        elif context is not None and max_seq_len > context:
+            source = "the model's context" if context_length else "the tokenizer's model_max_length"
+            report.add(
+                None,
+                "max_seq_len_over_context",
+                f"max_seq_len={max_seq_len} is beyond {report.tokenizer}'s context of {context} tokens "
+                f"({source}); use max_seq_len {context} or less",
+            )
     report.max_seq_len = max_seq_len
     try:
         size = path.stat().st_size
@@ -355,6 +471,9 @@ def validate_file(
             head = fh.read(4)
     except OSError as exc:
         report.add(None, "unreadable_file", f"cannot read the file: {exc.strerror or exc}")
+        return report
+    except ValueError as exc:  # e.g. a NUL byte in the path
+        report.add(None, "unreadable_file", f"cannot read the file: {exc}")
         return report
     report.bom = head.startswith(codecs.BOM_UTF8)
     if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
@@ -365,97 +484,17 @@ def validate_file(
             None, "file_too_large", f"{size / 2**20:.0f} MB exceeds Azure's 512 MB upload limit", "warning"
         )
 
-    if tokenizer is not None:
-        from lorastack.chat import ChatTemplateError, encode_chat
+    lineno = 0
+    try:
+        for lineno, raw, line_size in _lines(path):
+            try:
+                _check_line(report, lineno, raw, line_size, purpose, tokenizer, max_seq_len, on_encoded)
+            except Exception as exc:  # noqa: BLE001 (a bug in a check must not lose the rest of the report)
+                report.add(lineno, "internal_error", f"{type(exc).__name__}: {_short(str(exc))[1:-1]}")
+    except OSError as exc:
+        report.add(lineno + 1, "unreadable_file", f"reading stopped: {exc.strerror or exc}")
 
-    for lineno, raw in _lines(path):
-
-        def add(code: str, message: str, severity: Severity = "error", _line: int = lineno) -> None:
-            report.add(_line, code, message, severity)
-
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            report.examples += 1
-            add(
-                "invalid_utf8",
-                f"byte {exc.start + 1} (0x{raw[exc.start]:02x}) is not valid UTF-8; save the file as UTF-8",
-            )
-            continue
-        if not text.strip():
-            add("blank_line", "empty line (skipped); remove it", "warning")
-            continue
-        report.examples += 1
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            add(
-                "invalid_json", f"{exc.msg} at column {exc.colno}; each line must be one complete JSON object"
-            )
-            continue
-        if not isinstance(obj, dict):
-            add("data_type", f"the line is a JSON {type(obj).__name__}, not an object with a 'messages' list")
-            continue
-        if "messages" not in obj:
-            add("missing_messages_list", "no 'messages' key; each line must be {\"messages\": [...]}")
-            continue
-        messages = obj["messages"]
-        if not _check_structure(messages, add):
-            if isinstance(messages, list):
-                report.messages += len(messages)
-            continue
-        report.messages += len(messages)
-        report.messages_per_example.add(len(messages))
-
-        roles = [m.get("role") for m in messages]
-        assistants = [m for m in messages if m.get("role") == "assistant"]
-        severity: Severity = "error" if train else "warning"
-        if not assistants:
-            add(
-                "example_missing_assistant_message",
-                "no assistant message: the example has nothing to learn from",
-                severity,
-            )
-            continue
-        if "user" not in roles:
-            add("missing_user_message", "no user message", "warning")
-        trained = [m for m in assistants if m.get("weight", 1) != 0]
-        if not trained:
-            add("nothing_to_train", "every assistant message has weight 0: the example is skipped", "warning")
-            continue
-        if roles[-1] != "assistant":
-            add(
-                "last_message_not_assistant",
-                f"the example ends with a {roles[-1]} message, which is never trained on; end with the assistant's answer",
-                "warning",
-            )
-        if tokenizer is None:
-            report.trainable_examples += 1
-            continue
-        try:
-            enc = encode_chat(tokenizer, messages, max_seq_len)
-        except ChatTemplateError as exc:
-            add("template_error", str(exc))
-            continue
-        report.tokens.add(enc.full_length)
-        if enc.final_answer_cut:
-            add(
-                "final_answer_truncated",
-                f"{enc.full_length} tokens; even without earlier turns the final answer does not fit in "
-                f"max_seq_len={max_seq_len}: shorten it or raise max_seq_len",
-            )
-            continue
-        if enc.truncated:
-            add(
-                "too_long",
-                f"{enc.full_length} tokens > max_seq_len={max_seq_len}: the oldest {enc.dropped_messages} "
-                "message(s) after the system prompt will be dropped",
-                "warning",
-            )
-        report.assistant_tokens.add(enc.n_assistant_tokens)
-        report.trainable_examples += 1
-
-    if train and report.examples < MIN_TRAINING_EXAMPLES:
+    if purpose == "train" and report.examples < MIN_TRAINING_EXAMPLES:
         report.add(
             None,
             "too_few_examples",
@@ -467,10 +506,138 @@ def validate_file(
             None,
             "no_trainable_examples",
             "no example has an assistant answer to train on"
-            + ("" if train else ": no validation loss can be computed from this file"),
-            "error" if train else "warning",
+            + ("" if purpose == "train" else ": no validation loss can be computed from this file"),
+            "error" if purpose == "train" else "warning",
         )
     return report
+
+
+def _check_line(
+    report: Report,
+    lineno: int,
+    raw: bytes | None,
+    line_size: int,
+    purpose: Purpose,
+    tokenizer: Any,
+    max_seq_len: int | None,
+    on_encoded: OnEncoded | None,
+) -> None:
+    """All checks of one line, each problem added to ``report``."""
+    train = purpose == "train"
+
+    def add(code: str, message: str, severity: Severity = "error") -> None:
+        report.add(lineno, code, message, severity)
+
+    if raw is None:
+        report.examples += 1
+        add(
+            "line_too_long",
+            f"the line is {line_size:,} bytes, over the {MAX_LINE_BYTES:,}-byte limit (far beyond any "
+            "model's context); split the conversation, or check for a missing line break",
+        )
+        return
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        report.examples += 1
+        add(
+            "invalid_utf8",
+            f"byte {exc.start + 1} (0x{raw[exc.start]:02x}) is not valid UTF-8; save the file as UTF-8",
+        )
+        return
+    if not text.strip():
+        add("blank_line", "empty line (skipped); remove it", "warning")
+        return
+    report.examples += 1
+    if text.startswith("\ufeff"):
+        add(
+            "invalid_json",
+            "the line starts with a byte-order mark (BOM), which only the file's first line may carry "
+            "(were files concatenated?); remove it",
+        )
+        return
+    try:
+        obj = _loads(text)
+    except json.JSONDecodeError as exc:
+        add("invalid_json", f"{exc.msg} at column {exc.colno}; each line must be one complete JSON object")
+        return
+    except _BadNumber as exc:
+        add("invalid_json", f"{exc}; each line must be one chat example in standard JSON")
+        return
+    except RecursionError:
+        add("invalid_json", "the JSON is nested too deeply to parse; each line must be one chat example")
+        return
+    except ValueError as exc:  # any other number the parser refuses
+        add("invalid_json", f"{_short(str(exc))[1:-1]}; each line must be one complete JSON object")
+        return
+    if not isinstance(obj, dict):
+        add("data_type", f"the line is a JSON {type(obj).__name__}, not an object with a 'messages' list")
+        return
+    if "messages" not in obj:
+        add("missing_messages_list", "no 'messages' key; each line must be {\"messages\": [...]}")
+        return
+    if surrogate := _lone_surrogate(text, obj):
+        add("lone_surrogate", surrogate)
+        return
+    messages = obj["messages"]
+    if not _check_structure(messages, add):
+        if isinstance(messages, list):
+            report.messages += len(messages)
+        return
+    report.messages += len(messages)
+    report.messages_per_example.add(len(messages))
+
+    roles = [m.get("role") for m in messages]
+    assistants = [m for m in messages if m.get("role") == "assistant"]
+    severity: Severity = "error" if train else "warning"
+    if not assistants:
+        add(
+            "example_missing_assistant_message",
+            "no assistant message: the example has nothing to learn from",
+            severity,
+        )
+        return
+    if "user" not in roles:
+        add("missing_user_message", "no user message", "warning")
+    trained = [m for m in assistants if m.get("weight", 1) != 0]
+    if not trained:
+        add("nothing_to_train", "every assistant message has weight 0: the example is skipped", "warning")
+        return
+    if roles[-1] != "assistant":
+        add(
+            "last_message_not_assistant",
+            f"the example ends with a {roles[-1]} message, which is never trained on; end with the assistant's answer",
+            "warning",
+        )
+    if tokenizer is None:
+        report.trainable_examples += 1
+        return
+    from lorastack.chat import ChatTemplateError, encode_chat
+
+    try:
+        enc = encode_chat(tokenizer, messages, max_seq_len)
+    except ChatTemplateError as exc:
+        add("template_error", str(exc))
+        return
+    report.tokens.add(enc.full_length)
+    if enc.final_answer_cut:
+        add(
+            "final_answer_truncated",
+            f"{enc.full_length} tokens; even without earlier turns the final answer does not fit in "
+            f"max_seq_len={max_seq_len}: shorten it or raise max_seq_len",
+        )
+        return
+    if enc.truncated:
+        add(
+            "too_long",
+            f"{enc.full_length} tokens > max_seq_len={max_seq_len}: the oldest {enc.dropped_messages} "
+            "message(s) after the system prompt will be dropped",
+            "warning",
+        )
+    report.assistant_tokens.add(enc.n_assistant_tokens)
+    report.trainable_examples += 1
+    if on_encoded is not None:
+        on_encoded(lineno, enc)
 
 
 def validate_files(
@@ -478,10 +645,13 @@ def validate_files(
     validation_files: Iterable[str | os.PathLike[str]] = (),
     tokenizer: Any = None,
     max_seq_len: int | None = None,
+    **options: Any,
 ) -> list[Report]:
-    """Validate training files and validation files; one report per file, in order."""
-    reports = [validate_file(f, tokenizer, max_seq_len, "train") for f in files]
-    reports += [validate_file(f, tokenizer, max_seq_len, "validation") for f in validation_files]
+    """Validate training files and validation files; one report per file, in order.
+
+    ``options`` are :func:`validate_file`'s keyword arguments (e.g. ``context_length``)."""
+    reports = [validate_file(f, tokenizer, max_seq_len, "train", **options) for f in files]
+    reports += [validate_file(f, tokenizer, max_seq_len, "validation", **options) for f in validation_files]
     return reports
 
 
@@ -490,18 +660,19 @@ def check_files(
     validation_files: Iterable[str | os.PathLike[str]] = (),
     tokenizer: Any = None,
     max_seq_len: int | None = None,
+    **options: Any,
 ) -> list[Report]:
     """Like :func:`validate_files` but raises :class:`DataValidationError` if any file has an error.
 
     The trainer calls this before loading any model, so a bad dataset fails before GPU time is paid for.
     """
-    reports = validate_files(files, validation_files, tokenizer, max_seq_len)
+    reports = validate_files(files, validation_files, tokenizer, max_seq_len, **options)
     if any(not r.ok for r in reports):
         raise DataValidationError(reports)
     return reports
 
 
-# -- CLI -----------------------------------------------------------------------------------------
+# -- report text -----------------------------------------------------------------------------------------
 
 
 def format_report(report: Report) -> str:
@@ -536,32 +707,3 @@ def format_report(report: Report) -> str:
     if report.suggested_epochs:
         out.append(f"  suggested epochs: {report.suggested_epochs}")
     return "\n".join(out)
-
-
-def validate_command(args: Any) -> int:
-    """``lorastack validate``: 0 if every file passes, 1 if any has an error, 2 if the tokenizer cannot load."""
-    tokenizer = None
-    if getattr(args, "base_model", None):
-        from lorastack.models import load_tokenizer
-
-        try:
-            tokenizer = load_tokenizer(args.base_model)
-        except Exception as exc:  # noqa: BLE001 (hub, offline, template and file errors all end here)
-            print(
-                f"lorastack validate: cannot load the tokenizer of {args.base_model!r}: {exc}",
-                file=sys.stderr,
-            )
-            return 2
-    if args.max_seq_len is not None and args.max_seq_len <= 0:
-        print(f"lorastack validate: --max-seq-len must be positive, got {args.max_seq_len}", file=sys.stderr)
-        return 2
-    reports = validate_files(args.files, getattr(args, "validation", None) or (), tokenizer, args.max_seq_len)
-    ok = all(r.ok for r in reports)
-    if getattr(args, "json", False):
-        print(json.dumps({"ok": ok, "files": [r.to_dict() for r in reports]}, indent=2))
-    else:
-        print("\n\n".join(format_report(r) for r in reports))
-        if len(reports) > 1:
-            bad = sum(not r.ok for r in reports)
-            print(f"\n{len(reports)} file(s): " + ("all OK" if ok else f"{bad} with errors"))
-    return 0 if ok else 1

@@ -4,7 +4,12 @@ One place for what the trainer, the inference app and ``lorastack validate`` all
 (a local directory, or a Hugging Face Hub id looked up in a cache), load its tokenizer and load the model
 itself, in 4-bit NF4 with double quantization (bitsandbytes) unless told otherwise. When the model cannot
 be found, :class:`ModelLoadError` names the model, where it was looked for, whether the hub was switched
-off (``HF_HUB_OFFLINE``) and what to do.
+off (``HF_HUB_OFFLINE``) or cannot be reached, and what to do.
+
+The model cache is chosen by one rule (:func:`hub_cache_dir`, :func:`store_cache_dir`): ``HF_HUB_CACHE`` /
+``HF_HOME`` when set, else the store's ``models/``. Before a hub id is looked up, a short connect check
+(:func:`hub_reachable`, a few seconds at most, skipped under ``HF_HUB_OFFLINE``) decides between loading
+from the cache only and failing at once, instead of the hub client's retries when there is no network.
 
 Plain values in, plain values out: callers turn their typed settings (RunSpec, server options) into
 arguments. torch and transformers are imported inside the functions, so importing this module is free.
@@ -13,10 +18,16 @@ arguments. torch and transformers are imported inside the functions, so importin
 from __future__ import annotations
 
 import os
+import socket
+import threading
+import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 _TRUE = ("1", "true", "True")
+HUB_CONNECT_TIMEOUT_S = 3.0
+_reachability: dict[str, tuple[float, bool, str]] = {}  # endpoint -> (checked at, reachable, why not)
 
 
 class ModelLoadError(Exception):
@@ -29,6 +40,110 @@ def hub_cache_dir(default: str | os.PathLike[str]) -> str | None:
     if os.environ.get("HF_HOME") or os.environ.get("HF_HUB_CACHE"):
         return None
     return str(default)
+
+
+def store_cache_dir(store_root: str | os.PathLike[str] | None = None) -> str | None:
+    """The model cache of the store at ``store_root`` (else $LORASTACK_STORE, else ./.lorastack/store):
+    ``<store>/models`` under :func:`hub_cache_dir`'s rule. Every command that loads a base model uses
+    this, so ``lorastack validate --base-model`` and ``lorastack finetune`` share one cache."""
+    from lorastack.store import open_store
+
+    return hub_cache_dir(open_store(store_root).models_dir)
+
+
+def hub_offline() -> bool:
+    """True when the hub is switched off (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)."""
+    return os.environ.get("HF_HUB_OFFLINE") in _TRUE or os.environ.get("TRANSFORMERS_OFFLINE") in _TRUE
+
+
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+
+
+def hub_reachable(timeout: float = HUB_CONNECT_TIMEOUT_S) -> tuple[bool, str]:
+    """(whether a TCP connection to the hub endpoint opens within ``timeout`` seconds, why not).
+
+    Name resolution has no timeout of its own, so the check runs in a daemon thread that is given up
+    on after ``timeout``. The answer is remembered for a minute (the trainer loads the tokenizer, then
+    the model)."""
+    endpoint = hub_endpoint()
+    cached = _reachability.get(endpoint)
+    if cached and time.monotonic() - cached[0] < 60:
+        return cached[1], cached[2]
+    url = urlparse(endpoint)
+    host, port = url.hostname or "", url.port or (80 if url.scheme == "http" else 443)
+    result: list[tuple[bool, str]] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append((True, ""))
+        except OSError as exc:
+            result.append((False, f"{type(exc).__name__}: {exc}"))
+
+    thread = threading.Thread(target=probe, daemon=True, name="lorastack-hub-check")
+    thread.start()
+    thread.join(timeout + 0.5)
+    answer = result[0] if result else (False, f"no connection within {timeout:g} s")
+    _reachability[endpoint] = (time.monotonic(), *answer)
+    return answer
+
+
+def _hub_cached(name: str, kwargs: dict[str, Any], filename: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(
+            name, filename, cache_dir=kwargs.get("cache_dir"), revision=kwargs.get("revision")
+        )
+    except Exception:  # noqa: BLE001 (a malformed cache or id: let from_pretrained give its own error)
+        return False
+    return isinstance(found, str)
+
+
+def _prefer_cache_when_offline(name: str, kwargs: dict[str, Any], where: str, filename: str) -> dict[str, Any]:
+    """``kwargs`` plus ``local_files_only`` when the hub cannot be reached and ``filename`` is cached;
+    ModelLoadError at once when it cannot be reached and is not cached (no retries against no network)."""
+    if hub_offline() or kwargs.get("local_files_only"):
+        return kwargs
+    reachable, why = hub_reachable()
+    if reachable:
+        return kwargs
+    if _hub_cached(name, kwargs, filename):
+        return dict(kwargs, local_files_only=True)
+    unreachable = OSError(f"{hub_endpoint()} cannot be reached ({why})")
+    raise _not_found(name, where, unreachable, kwargs.get("cache_dir"), unreachable=True)
+
+
+def context_length(config: Any = None, tokenizer: Any = None) -> int | None:
+    """The model's context in tokens: the smallest of the config's position limit
+    (``max_position_embeddings``, ``n_positions``, ...) and the tokenizer's ``model_max_length`` that is
+    declared; None when neither declares one."""
+    limits = []
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None) if config is not None else None
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            limits.append(value)
+            break
+    value = getattr(tokenizer, "model_max_length", None)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 10_000_000:
+        limits.append(value)
+    return min(limits) if limits else None
+
+
+def load_context_length(
+    base_model: str, revision: str | None = None, cache_dir: str | os.PathLike[str] | None = None
+) -> int | None:
+    """:func:`context_length` of the base model's config (config.json only; None if it has none)."""
+    from transformers import AutoConfig
+
+    name, kwargs, where = model_source(base_model, revision, cache_dir)
+    if not Path(name).is_dir():
+        kwargs = _prefer_cache_when_offline(name, kwargs, where, "config.json")
+    try:
+        return context_length(AutoConfig.from_pretrained(name, **kwargs))
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def model_source(
@@ -58,19 +173,22 @@ def model_source(
     return base_model, kwargs, where
 
 
-def _not_found(base_model: str, where: str, exc: Exception) -> ModelLoadError:
-    offline = os.environ.get("HF_HUB_OFFLINE") in _TRUE or os.environ.get("TRANSFORMERS_OFFLINE") in _TRUE
-    hub = (
-        "the hub is switched off (HF_HUB_OFFLINE=1)"
-        if offline
-        else "the Hugging Face Hub could not provide it"
-    )
+def _not_found(
+    base_model: str, where: str, exc: Exception, cache_dir: str | None = None, unreachable: bool = False
+) -> ModelLoadError:
+    if hub_offline():
+        hub = "the hub is switched off (HF_HUB_OFFLINE=1)"
+    elif unreachable:
+        hub = "the Hugging Face Hub cannot be reached (offline?)"
+    else:
+        hub = "the Hugging Face Hub could not provide it"
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    into = f" --cache-dir {cache_dir}" if cache_dir else ""
     return ModelLoadError(
         f"cannot load base model {base_model!r}: not found in {where}, and {hub} ({first}). "
-        "Either download it once with network access (e.g. `huggingface-cli download "
-        f"{base_model}` with HF_HOME pointing at the cache; gated models need HF_TOKEN), or set base_model "
-        "to a local directory holding the model."
+        f"Either download it once with network access (`hf download {base_model}{into}`"
+        + ("" if cache_dir else ", with HF_HOME pointing at the cache")
+        + "; gated models need HF_TOKEN), or set base_model to a local directory holding the model."
     )
 
 
@@ -85,10 +203,12 @@ def load_tokenizer(
     from transformers import AutoTokenizer
 
     name, kwargs, where = model_source(base_model, revision, cache_dir)
+    if not Path(name).is_dir():
+        kwargs = _prefer_cache_when_offline(name, kwargs, where, "tokenizer_config.json")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as exc:
-        raise _not_found(name, where, exc) from None
+        raise _not_found(name, where, exc, kwargs.get("cache_dir")) from None
     if require_chat_template and not getattr(tokenizer, "chat_template", None):
         raise ModelLoadError(
             f"base model {name!r} has no chat template in its tokenizer; lorastack trains with the model's "
@@ -140,6 +260,8 @@ def load_base_model(
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     name, kwargs, where = model_source(base_model, revision, cache_dir)
+    if not Path(name).is_dir():
+        kwargs = _prefer_cache_when_offline(name, kwargs, where, "config.json")
     dtype = _compute_dtype(compute_dtype, device)
     load_kwargs: dict[str, Any] = dict(kwargs, dtype=dtype)
     if quantize:
@@ -157,5 +279,5 @@ def load_base_model(
     except (OSError, ValueError) as exc:
         if "quantization" in str(exc).lower() or "bitsandbytes" in str(exc).lower():
             raise
-        raise _not_found(name, where, exc) from None
+        raise _not_found(name, where, exc, kwargs.get("cache_dir")) from None
     return model, getattr(model.config, "_commit_hash", None) or kwargs.get("revision")
