@@ -208,7 +208,7 @@ def latin1_bytes(rng, lines):
 
 def many_turns(rng, lines, turns=400):
     ex = _example(rng, lines)
-    head = ex["messages"][:1] if ex["messages"][0]["role"] == "system" else []
+    head = ex["messages"][:1] if ex["messages"][0].get("role") == "system" else []
     turns_ = [
         m
         for i in range(turns)

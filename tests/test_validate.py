@@ -316,3 +316,99 @@ def test_template_that_cannot_render_an_example(tmp_path, tiny_phi3):
     assert validate_file(path).ok  # valid Azure format ...
     report = validate_file(path, tokenizer=AutoTokenizer.from_pretrained(tiny_phi3))
     assert found(report) == {11: ("error", "template_error")}  # ... but this base model cannot train on it
+
+
+# -- issue 7 item 8: output a person reads, local inputs first, one model cache ------------------------------------
+
+
+def test_max_seq_len_beyond_the_model_context_is_refused(tmp_path, llama_tok, tiny_llama, capsys):
+    """The tiny model's context is 1024 tokens: max_seq_len 4096 is an error naming that limit."""
+    path = write_jsonl(tmp_path / "good.jsonl", [example()] * 10)
+    report = validate_file(path, tokenizer=llama_tok, max_seq_len=4096)
+    [problem] = report.errors
+    assert problem.code == "max_seq_len_over_context" and problem.line is None
+    assert "max_seq_len=4096" in problem.message and "context of 1024 tokens" in problem.message
+    assert validate_file(path, tokenizer=llama_tok, max_seq_len=1024).ok
+    assert main(["validate", str(path), "--base-model", str(tiny_llama), "--max-seq-len", "2048"]) == 1
+    assert "max_seq_len_over_context" in capsys.readouterr().out
+
+
+def test_missing_file_is_reported_before_the_model_is_looked_up(tmp_path, capsys, monkeypatch):
+    """`validate data/train.jsonl --base-model org/name` with no such file: the file is reported at once, and no
+    tokenizer is loaded (no hub access)."""
+    from lorastack import models
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the tokenizer must not be looked up when an input file is missing")
+
+    monkeypatch.setattr(models, "load_tokenizer", no_hub)
+    missing = tmp_path / "data" / "train.jsonl"
+    assert main(["validate", str(missing), "--base-model", "org/some-model"]) == 1
+    captured = capsys.readouterr()
+    assert f"{missing}: error: unreadable_file" in captured.out
+    assert "was not loaded" in captured.err
+
+
+def test_model_not_found_hint_names_hf_download_and_the_cache(tmp_path, monkeypatch):
+    """With the hub off, a model missing from the store's cache says where it looked and `hf download ...
+    --cache-dir <store>/models` (the hub client no longer ships `huggingface-cli`)."""
+    from lorastack import models
+
+    monkeypatch.delenv("HF_HOME", raising=False)
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    cache = models.store_cache_dir(tmp_path / "store")
+    assert cache == str((tmp_path / "store" / "models").resolve())
+    with pytest.raises(models.ModelLoadError) as info:
+        models.load_tokenizer("org/not-cached", None, cache)
+    text = str(info.value)
+    assert f"the model cache ({cache})" in text and "HF_HUB_OFFLINE=1" in text
+    assert f"`hf download org/not-cached --cache-dir {cache}`" in text and "huggingface-cli" not in text
+    # HF_HOME wins over the store, for validate and finetune alike.
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert models.store_cache_dir(tmp_path / "store") is None
+
+
+def test_unreachable_hub_fails_fast_instead_of_retrying(tmp_path, monkeypatch):
+    """Hub not switched off but unreachable (here: a closed port on 127.0.0.1 as the endpoint): the model that
+    is not cached fails at once with 'cannot be reached', not after the hub client's retries."""
+    import socket
+    import time
+
+    from lorastack import models
+
+    with socket.socket() as s:  # a port that was free a moment ago: connecting to it is refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(models, "_reachability", {})
+    started = time.monotonic()
+    with pytest.raises(models.ModelLoadError) as info:
+        models.load_tokenizer("org/not-cached", None, str(tmp_path / "models"))
+    assert "cannot be reached" in str(info.value) and f"127.0.0.1:{port}" in str(info.value)
+    assert time.monotonic() - started < 30  # generous: a refused connection returns in milliseconds
+
+
+def test_second_pass_names_the_users_file_and_adds_only_token_findings(tmp_path, llama_tok):
+    """The trainer's token-level pass over the store's copy reports under the user's file name, and leaves out
+    the warnings the first (structure) pass printed already; its encodings can be reused for training."""
+    rows = [example()] * 10 + [{"messages": [{"role": "user", "content": "hi"}]} | {}]
+    rows[10]["messages"].append({"role": "assistant", "content": "Pedal " * 300})  # over the limit below
+    rows.append({"messages": [{"role": "assistant", "content": "no user turn"}]})
+    copy = write_jsonl(tmp_path / "0123abcd.jsonl", rows)
+    first = validate_file(copy, display_name="data/train.jsonl")
+    assert [(p.line, p.code) for p in first.warnings] == [(12, "missing_user_message")]
+    assert str(first.warnings[0]).startswith("data/train.jsonl:12: warning:")
+    seen = []
+    second = validate_file(
+        copy,
+        llama_tok,
+        100,
+        display_name="data/train.jsonl",
+        structure_warnings=False,
+        on_encoded=lambda line, enc: seen.append((line, len(enc.input_ids))),
+    )
+    assert [(p.line, p.code) for p in second.problems] == [(11, "final_answer_truncated")]
+    assert str(second.problems[0]).startswith("data/train.jsonl:11: error:")
+    assert [line for line, _ in seen] == [*range(1, 11), 12] and all(n <= 100 for _, n in seen)
