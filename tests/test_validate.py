@@ -412,3 +412,12 @@ def test_second_pass_names_the_users_file_and_adds_only_token_findings(tmp_path,
     assert [(p.line, p.code) for p in second.problems] == [(11, "final_answer_truncated")]
     assert str(second.problems[0]).startswith("data/train.jsonl:11: error:")
     assert [line for line, _ in seen] == [*range(1, 11), 12] and all(n <= 100 for _, n in seen)
+
+
+@pytest.mark.benchmark
+def test_bench_validate_prints_the_ratio_line():
+    """benchmarks/bench_validate.py runs at a small size, the reports agree, and it prints its side-by-side ratio."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_validate.py"), "--turns", "20,40", "--repeat", "1"]
+    res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "ratio baseline/ours at 40 turns:" in res.stdout and "scaling 20 -> 40 turns" in res.stdout, res.stdout
