@@ -184,3 +184,55 @@ def test_conversation_opened_by_the_assistant(arch_tok):
         "Welcome! Ask me anything." + EOT[arch],
         "Yes, it is sunny." + EOT[arch],
     ]
+
+
+# -- issue 11: linear-time turn location gives the same masks ------------------------------------------------------
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lorastack import chat
+
+_words = st.sampled_from(["Paris", " padded ", "ok.", "\n", "  two  words", "<|end|>", "x" * 30, "é😀", "Answer"])
+_content = st.lists(_words, min_size=1, max_size=4).map("".join)
+_msg = st.builds(
+    lambda role, content, w0: {"role": role, "content": content, **({"weight": 0} if w0 and role == "assistant" else {})},
+    st.sampled_from(["user", "assistant", "assistant", "tool"]),
+    _content,
+    st.booleans(),
+)
+
+
+@settings(max_examples=50, deadline=None)
+@given(system=st.booleans(), msgs=st.lists(_msg, min_size=1, max_size=16))
+def test_block_renders_locate_the_same_turns_as_whole_prefixes(arch_tok, system, msgs):
+    """Whenever the per-block renders tile the whole render, they locate exactly the spans that rendering every
+    prefix of the whole conversation locates (the old, quadratic method)."""
+    _, tok = arch_tok
+    msgs = ([{"role": "system", "content": "Be brief."}] if system else []) + msgs
+    text = chat._render(tok, msgs, False)
+    try:
+        exact = chat._assistant_char_spans(tok, msgs, text)
+    except chat.ChatTemplateError:
+        return
+    try:
+        windowed = chat._windowed_spans(tok, msgs, text, chat._Budget(msgs))
+    except chat.ChatTemplateError:  # a window the template refuses: the caller falls back to whole prefixes
+        return
+    if windowed is not None:
+        assert windowed == exact
+
+
+@pytest.mark.parametrize("turns", [4, 5, 30, 31])
+def test_long_alternating_conversations_take_the_linear_path(arch_tok, turns):
+    """Both template families render turn by turn, so a long conversation (with or without a system prompt) is
+    located per block, with the same spans as the whole-prefix method."""
+    arch, tok = arch_tok
+    msgs = [SYSTEM] if turns % 2 else []
+    for i in range(turns):
+        msgs += [{"role": "user", "content": f"Q {i}?"}, {"role": "assistant", "content": f"A {i}."}]
+    text = chat._render(tok, msgs, False)
+    windowed = chat._windowed_spans(tok, msgs, text, chat._Budget(msgs))
+    assert windowed is not None and windowed == chat._assistant_char_spans(tok, msgs, text)
+    enc = encode_chat(tok, msgs)
+    assert masked_spans(tok, enc) == [f"A {i}." + EOT[arch] for i in range(turns)]

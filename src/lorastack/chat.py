@@ -14,8 +14,8 @@ tokenizer's *own* template by rendering the conversation incrementally:
   but not the whitespace or eos that some templates append after it.
 
 Rendering every prefix of a conversation costs time quadratic in its length, so the prefixes are
-rendered per *block* (a user turn and the answers up to the next user turn, behind the system prompt),
-and the blocks' renders are used only when they tile the render of the whole conversation exactly;
+rendered per *block* (a user turn and the answers up to the next user turn, in a small window behind the
+system prompt), and the blocks' renders are used only when they tile the render of the whole conversation exactly;
 otherwise the whole-conversation prefixes are rendered, within a work budget proportional to the
 conversation's size (a conversation over the budget is a :class:`ChatTemplateError`, never a hang).
 Truncation renders only the candidate conversations a binary search over the kept history visits. So
@@ -167,10 +167,11 @@ def _assistant_char_spans(
     messages: Sequence[Message],
     text: str,
     budget: _Budget | None = None,
+    begin: int = 0,
     stop: int | None = None,
 ) -> list[tuple[int, int, int]]:
     """(turn_start, content_end, turn_end) character positions in ``text`` of each trained assistant turn
-    (of the messages before index ``stop``), from the renders of the conversation's prefixes."""
+    (of the messages from index ``begin`` to ``stop``), from the renders of the conversation's prefixes."""
     spans = []
     cursor = 0
     for i, msg in enumerate(messages[:stop]):
@@ -178,7 +179,7 @@ def _assistant_char_spans(
             continue
         turn_end_text = _render(tokenizer, messages[: i + 1], False, budget)
         end = _common_prefix_len(turn_end_text, text)
-        if not _is_trained(msg):
+        if i < begin or not _is_trained(msg):
             cursor = max(cursor, end)
             continue
         prompt = _render(tokenizer, messages[:i], True, budget) if i else ""
@@ -217,30 +218,30 @@ def _windowed_spans(
 ) -> list[tuple[int, int, int]] | None:
     """The spans of :func:`_assistant_char_spans`, in time linear in the conversation's size.
 
-    Each block (a user turn and what follows up to the next user turn) is rendered alone behind the
-    system prompt (a one-character stand-in after the first block, so a long system prompt is not
-    rendered once per block), followed by the next block's first message, so that the block's prefixes
-    can be rendered cheaply. The blocks' texts are trusted only if, laid end to end, they reproduce
-    ``text`` exactly; otherwise None (the caller renders the whole conversation's prefixes).
+    Each block (a user turn and what follows up to the next user turn) is rendered alone in a small window:
+    the system prompt (a one-character stand-in after the first block, so that a long system prompt is not
+    rendered once per block), the message before the block (so the block starts where the whole render
+    starts it), the block, and the next block's first message (so its last turn ends as in the whole
+    render). The window's prefixes are cheap to render. The blocks' texts are trusted only if, laid end to
+    end, they reproduce ``text`` exactly; otherwise None (the caller renders the whole conversation's
+    prefixes).
     """
     n_system = _leading_system(messages)
     starts = _block_starts(messages, n_system)
     ends = starts[1:] + [len(messages)]
     stand_in = [dict(m, content="S") if isinstance(m.get("content"), str) else m for m in messages[:n_system]]
-    head_cache: dict[int, str] = {}
     out: list[tuple[int, int, int]] = []
     pos = 0
     for b, (s0, s1) in enumerate(zip(starts, ends)):
-        system = list(messages[:n_system]) if b == 0 else stand_in
+        lead = list(messages[:n_system]) if b == 0 else [*stand_in, messages[s0 - 1]]
         block = list(messages[s0:s1])
-        window = system + block + list(messages[s1 : s1 + 1])
+        window = lead + block + list(messages[s1 : s1 + 1])
         rendered = _render(tokenizer, window, False, budget)
-        key = 0 if b == 0 else 1
-        if key not in head_cache:
-            head_cache[key] = _render(tokenizer, system, False, budget)
-        anchor = _common_prefix_len(head_cache[key], rendered)
+        # The block's text starts where the lead's render stops matching (the same rule that ends the
+        # previous block's text, so the two agree on the boundary) and ends where the next message starts.
+        anchor = _common_prefix_len(_render(tokenizer, lead, False, budget), rendered) if lead else 0
         if s1 < len(messages):
-            block_end = _common_prefix_len(_render(tokenizer, system + block, False, budget), rendered)
+            block_end = _common_prefix_len(_render(tokenizer, lead + block, False, budget), rendered)
         else:
             block_end = len(rendered)
         if b == 0:
@@ -252,7 +253,7 @@ def _windowed_spans(
             return None
         offset = pos - anchor
         for start, content_end, end in _assistant_char_spans(
-            tokenizer, window, rendered, budget, stop=len(system) + len(block)
+            tokenizer, window, rendered, budget, begin=len(lead), stop=len(lead) + len(block)
         ):
             if start < anchor or end > block_end:
                 return None  # the turn reaches outside its block's text: not a turn-by-turn template
