@@ -236,3 +236,13 @@ def test_long_alternating_conversations_take_the_linear_path(arch_tok, turns):
     assert windowed is not None and windowed == chat._assistant_char_spans(tok, msgs, text)
     enc = encode_chat(tok, msgs)
     assert masked_spans(tok, enc) == [f"A {i}." + EOT[arch] for i in range(turns)]
+
+
+def test_lone_surrogate_is_a_template_error_not_a_crash(arch_tok):
+    """A lone UTF-16 surrogate (valid JSON escape, not text) is a ChatTemplateError for encoding and prompts."""
+    _, tok = arch_tok
+    msgs = [{"role": "user", "content": "hi \ud800"}, {"role": "assistant", "content": "ok"}]
+    with pytest.raises(ChatTemplateError, match="surrogate"):
+        encode_chat(tok, msgs)
+    with pytest.raises(ChatTemplateError, match="surrogate"):
+        render_prompt(tok, msgs[:1])

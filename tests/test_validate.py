@@ -381,6 +381,8 @@ def test_unreachable_hub_fails_fast_instead_of_retrying(tmp_path, monkeypatch):
         port = s.getsockname()[1]
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    for proxy in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
     monkeypatch.setattr(models, "_reachability", {})
     started = time.monotonic()

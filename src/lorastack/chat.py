@@ -278,14 +278,19 @@ def _turn_spans(tokenizer: Any, messages: Sequence[Message], text: str) -> list[
     return _assistant_char_spans(tokenizer, messages, text, _Budget(messages))
 
 
-def _tokenize(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]] | None]:
-    # Templates already contain bos/eos, so no special tokens are added (as apply_chat_template does).
+def _check_text(text: str) -> None:
+    """ChatTemplateError for text no tokenizer can encode (a lone UTF-16 surrogate)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise ChatTemplateError(
             f"the conversation holds a lone UTF-16 surrogate ({text[exc.start]!r}), which no tokenizer encodes"
         ) from None
+
+
+def _tokenize(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]] | None]:
+    # Templates already contain bos/eos, so no special tokens are added (as apply_chat_template does).
+    _check_text(text)
     try:
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
@@ -441,6 +446,7 @@ def render_prompt(tokenizer: Any, messages: Sequence[Message]) -> list[int]:
     """
     messages = _check_messages(messages)
     text = _render(tokenizer, messages, add_generation_prompt=True)
+    _check_text(text)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 

@@ -72,6 +72,10 @@ def hub_reachable(timeout: float = HUB_CONNECT_TIMEOUT_S) -> tuple[bool, str]:
         return cached[1], cached[2]
     url = urlparse(endpoint)
     host, port = url.hostname or "", url.port or (80 if url.scheme == "http" else 443)
+    proxy = _proxy_for(url.scheme, host)
+    if proxy:  # behind a proxy the hub is reached through it: check the proxy instead
+        purl = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = purl.hostname or "", purl.port or (443 if purl.scheme == "https" else 80)
     result: list[tuple[bool, str]] = []
 
     def probe() -> None:
@@ -87,6 +91,19 @@ def hub_reachable(timeout: float = HUB_CONNECT_TIMEOUT_S) -> tuple[bool, str]:
     answer = result[0] if result else (False, f"no connection within {timeout:g} s")
     _reachability[endpoint] = (time.monotonic(), *answer)
     return answer
+
+
+def _proxy_for(scheme: str, host: str) -> str | None:
+    """The proxy URL the hub client would use for ``host`` (HTTPS_PROXY / HTTP_PROXY / ALL_PROXY, NO_PROXY)."""
+    no_proxy = os.environ.get("NO_PROXY") or os.environ.get("no_proxy") or ""
+    for entry in (e.strip().lstrip(".") for e in no_proxy.split(",")):
+        if entry == "*" or (entry and (host == entry or host.endswith("." + entry))):
+            return None
+    names = ("HTTPS_PROXY", "https_proxy") if scheme == "https" else ("HTTP_PROXY", "http_proxy")
+    for name in (*names, "ALL_PROXY", "all_proxy"):
+        if os.environ.get(name):
+            return os.environ[name]
+    return None
 
 
 def _hub_cached(name: str, kwargs: dict[str, Any], filename: str) -> bool:
