@@ -112,6 +112,7 @@ class FakeAzure(requests.Session):
         self.files: dict[str, bytearray] = {}
         self.dirs: set[str] = {""}
         self.share_quota_gib = 256
+        self.share_used: int | None = None  # bytes Get Share Stats reports (default: what the files hold)
         self.requests: list[Recorded] = []
         self.deny_storage: str | None = None  # an x-ms-error-code to answer 403 with
         self.deny_arm: str | None = None
@@ -127,6 +128,7 @@ class FakeAzure(requests.Session):
         self.exec_logs: dict[str, list[str]] = {}  # execution -> console lines so far
         self.on_stream: Any = None  # callback(fake, execution) after a log stream was served
         self.stream_tokens: set[str] = set()
+        self.stream_reject = False  # the log stream answers 401 to every token
         self._ops: dict[str, str] = {}
         # the inference app
         self.app_revision_suffix = "r1"
@@ -233,7 +235,7 @@ class FakeAzure(requests.Session):
         parent = p.rpartition("/")[0]
         if r.method == "GET" and q.get("restype") == "share":
             if q.get("comp") == "stats":
-                used = sum(len(v) for v in self.files.values())
+                used = self.share_used if self.share_used is not None else sum(len(v) for v in self.files.values())
                 body = ('<?xml version="1.0" encoding="utf-8"?><ShareStats>'
                         f"<ShareUsageBytes>{used}</ShareUsageBytes></ShareStats>").encode()
                 return _response(r, 200, {**_file_headers(), "Content-Type": "application/xml"}, body)
@@ -518,7 +520,7 @@ class FakeAzure(requests.Session):
     # -- ACA log stream -----------------------------------------------------------------------------------------
     def _stream(self, r: Recorded):
         token = r.headers.get("authorization", "").removeprefix("Bearer ")
-        if token not in self.stream_tokens:
+        if token not in self.stream_tokens or self.stream_reject:
             return _response(r, 401, {"Content-Type": "text/plain"}, b"Unauthorized")
         q = r.query
         assert q.get("output") == "text" and q.get("follow") in ("true", "false"), r.url
@@ -690,7 +692,9 @@ def client_kwargs(fake: FakeAzure, retries: int = 0) -> dict[str, Any]:
     """What every SDK client gets in a test: the fake as its transport's session, no retries unless asked."""
     from azure.core.pipeline.transport import RequestsTransport
 
-    return {"transport": RequestsTransport(session=fake, session_owner=False), "retry_total": retries}
+    # backoff 0: a retried test does not sleep (Retry-After from the fake is 0 s too)
+    return {"transport": RequestsTransport(session=fake, session_owner=False), "retry_total": retries,
+            "retry_backoff_factor": 0.0}
 
 
 def make_fake() -> FakeAzure:
