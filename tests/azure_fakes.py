@@ -731,7 +731,7 @@ AMBIENT_VARS = (
 
 
 # -- fixtures (import them into a test module: `from azure_fakes import fake, outputs_file, no_ambient_azure`) -----
-import pytest  # noqa: E402
+import pytest
 
 
 @pytest.fixture

@@ -9,13 +9,15 @@ import time
 
 import pytest
 import yaml
-from azure_fakes import FakeCredential, client_kwargs, fake, no_ambient_azure, outputs_file  # noqa: F401
+from azure_fakes import FakeCredential, client_kwargs, fake, no_ambient_azure, outputs_file
+from test_cloud import EXAMPLE, run_id_in, submit, write_job
 
 from lorastack.azure.credentials import CloudError, check_credential
 from lorastack.azure.jobs import EXIT_FAILED, local_base_model_problem
 from lorastack.cli import build_parser, main
 from lorastack.commands import cloud as cloud_cmd
-from test_cloud import EXAMPLE, run_id_in, submit, write_job
+
+FIXTURES = (fake, no_ambient_azure, outputs_file)  # pytest fixtures from azure_fakes, used by name
 
 
 @pytest.fixture

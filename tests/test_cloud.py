@@ -14,7 +14,7 @@ import time
 
 import pytest
 import yaml
-from azure_fakes import ARM, SUB, FakeCredential, client_kwargs, fake, no_ambient_azure, outputs_file  # noqa: F401
+from azure_fakes import ARM, SUB, FakeCredential, client_kwargs, fake, no_ambient_azure, outputs_file
 
 from lorastack.azure.credentials import CloudError
 from lorastack.azure.jobs import EXIT_FAILED
@@ -25,6 +25,8 @@ from lorastack.store import Store
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "jobs" / "examples" / "plant-care.yaml"
+
+FIXTURES = (fake, no_ambient_azure, outputs_file)  # pytest fixtures from azure_fakes, used by name
 
 
 def submit(fake, argv, cred=None, **kw) -> int:
