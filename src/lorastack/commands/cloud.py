@@ -385,7 +385,8 @@ def adapters_command(
                     if m.get(key):
                         _out(f"  {key}: {m[key]}")
                 if m.get("metrics"):
-                    _out("  metrics: " + ", ".join(f"{k}={v}" for k, v in sorted(m["metrics"].items())))
+                    _out("  metrics: " + ", ".join(
+                        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(m["metrics"].items())))
                 if m.get("promotion"):
                     _out(f"  promotion: {json.dumps(m['promotion'], sort_keys=True)}")
                 if doc["eval"]:
