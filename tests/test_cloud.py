@@ -424,15 +424,23 @@ def test_wait_reports_an_execution_that_ended_without_finishing_the_run(fake, ou
     assert "ended (Failed) while the run was loading; see `lorastack logs" in capsys.readouterr().err
 
 
-def test_cloud_module_and_cli_help_import_no_azure_sdk():
+def test_azure_modules_commands_and_cli_help_import_no_azure_sdk():
+    """Every module of lorastack.azure and the cloud command handlers import no Azure SDK until a command runs."""
     import subprocess
     import sys
 
+    modules = ["outputs", "credentials", "share", "jobs", "logs", "secrets", "preflight", "apps", "storage_keys",
+               "store_ops", "stack"]
     code = (
-        "import sys, lorastack.cloud; from lorastack.cli import build_parser; build_parser().parse_args(['status'])\n"
+        "import sys, importlib\n"
+        f"for m in {modules!r}: importlib.import_module('lorastack.azure.' + m)\n"
+        "import lorastack.commands.cloud, lorastack.commands.ops\n"
+        "from lorastack.cli import build_parser; build_parser().parse_args(['status'])\n"
+        "assert lorastack.commands.cloud.__file__.startswith(sys.argv[1]), lorastack.commands.cloud.__file__\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'azure'))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    src = str(REPO / "src")
+    out = subprocess.run([sys.executable, "-c", code, src], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
 
