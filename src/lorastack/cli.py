@@ -21,6 +21,13 @@ HANDLERS = {
     "demo": "lorastack.demo:demo_command",
     "plan": "provisioning.plan:plan_command",
     "stack-new": "provisioning.selfservice:stack_new_command",
+    "logs": "lorastack.commands.cloud:logs_command",
+    "secrets": "lorastack.commands.ops:secrets_command",
+    "endpoint": "lorastack.commands.ops:endpoint_command",
+    "restart": "lorastack.commands.ops:restart_command",
+    "export": "lorastack.commands.ops:export_command",
+    "preflight": "lorastack.commands.ops:preflight_command",
+    "store": "lorastack.commands.ops:store_command",
 }
 
 
@@ -138,6 +145,70 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--gpu", metavar="PROFILE", help="inference GPU workload profile type")
     q.add_argument("--max-replicas", type=int, metavar="N", help="inference max replicas")
     q.add_argument("--project-dir", metavar="DIR", help="directory holding Pulumi.yaml (default: search upwards)")
+
+    # -- cloud operations (logs, secrets, endpoint, restart, export, preflight, store rotate-key) -----------------
+    def cloud_common(q: argparse.ArgumentParser, outputs: bool = True) -> None:
+        if outputs:
+            _outputs_arg(q)
+        q.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the Azure SDKs' own messages (credential chain, HTTP) on errors")
+
+    parser.add_argument("--debug", action="store_true", help="cloud commands: show the Azure SDKs' own messages")
+    p = sub.add_parser("logs", help="cloud: a run's (or the inference app's) console log, live or from Log Analytics")
+    p.add_argument("run_id", nargs="?", metavar="RUN_ID", help="run id (or a job execution name)")
+    p.add_argument("--app", action="store_true", help="the inference app's log instead of a run's")
+    p.add_argument("--follow", "-f", action="store_true", help="keep streaming; wait while the run is queued or starting")
+    p.add_argument("--since", metavar="DURATION", help="history from Log Analytics for the last DURATION (30m, 1h, 2d)")
+    p.add_argument("--tail", type=int, default=100, metavar="N", help="lines of the live log to start with (default 100)")
+    cloud_common(p)
+
+    p = sub.add_parser("secrets", help="cloud: the stack's Key Vault secrets (values are never printed)")
+    sec = p.add_subparsers(dest="secrets_action", metavar="ACTION", required=True)
+    q = sec.add_parser("set", help="store a new version of a secret (HF_TOKEN -> hf-token)")
+    q.add_argument("name", metavar="NAME", help="secret name (hf-token, inference-api-keys, or HF_TOKEN)")
+    src = q.add_mutually_exclusive_group()
+    src.add_argument("--from-env", metavar="VAR", help="read the value from environment variable VAR")
+    src.add_argument("--stdin", action="store_true", help="read the value from standard input")
+    cloud_common(q)
+    q = sec.add_parser("list", help="secret names and when they changed")
+    q.add_argument("--json", action="store_true", help="print JSON")
+    cloud_common(q)
+    q = sec.add_parser("rm", help="delete a secret (soft delete where the vault keeps deleted secrets)")
+    q.add_argument("name", metavar="NAME", help="secret name")
+    cloud_common(q)
+
+    p = sub.add_parser("endpoint", help="cloud: the inference URL, /readyz and one authenticated completion (verdict)")
+    p.add_argument("--api-key", metavar="KEY", help="API key (default: $LORASTACK_API_KEY, else the stack's Key Vault)")
+    p.add_argument("--model", metavar="NAME@vN", help="adapter to call (default: the first one the app lists)")
+    p.add_argument("--wait", type=float, default=600, metavar="SECONDS",
+                   help="how long to wait for /readyz through a scale-from-zero start (default 600)")
+    cloud_common(p)
+
+    p = sub.add_parser("restart", help="cloud: roll a new revision of the inference app (reloads image and secrets)")
+    p.add_argument("--suffix", metavar="SUFFIX", help="revision suffix (default: r<UTC timestamp>)")
+    cloud_common(p)
+
+    p = sub.add_parser("export", help="write other tools' config files from the stack outputs")
+    p.add_argument("format", choices=["aitk"], help="aitk: the AI Toolkit's infra/finetuning.config.json and "
+                   "infra/inference.config.json")
+    p.add_argument("--out", metavar="DIR", default=".", help="folder to write infra/ into (default: .)")
+    cloud_common(p)
+
+    p = sub.add_parser("preflight", help="cloud: check a subscription and region before `pulumi up` (one table)")
+    p.add_argument("--stack", required=True, metavar="NAME", help="stack name (stacks/Pulumi.<NAME>.yaml)")
+    p.add_argument("--subscription", metavar="ID", help="subscription id (default: the stack file, $AZURE_SUBSCRIPTION_ID)")
+    p.add_argument("--project-dir", metavar="DIR", help="directory holding Pulumi.yaml (default: search upwards)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    cloud_common(p, outputs=False)
+
+    p = sub.add_parser("store", help="cloud: operations on the stack's storage account")
+    st = p.add_subparsers(dest="store_action", metavar="ACTION", required=True)
+    q = st.add_parser("rotate-key", help="rotate the storage key without breaking a mount (two steps around pulumi up)")
+    q.add_argument("--stack", required=True, metavar="NAME", help="stack name (stacks/Pulumi.<NAME>.yaml)")
+    q.add_argument("--finish", action="store_true", help="after `pulumi up`: regenerate the previous key")
+    q.add_argument("--subscription", metavar="ID", help="subscription id (default: the stack file, $AZURE_SUBSCRIPTION_ID)")
+    q.add_argument("--project-dir", metavar="DIR", help="directory holding Pulumi.yaml (default: search upwards)")
+    cloud_common(q, outputs=False)
     return parser
 
 
