@@ -151,6 +151,14 @@ def target_of(spec_rel: str, doc: dict[str, Any], stacks_dir: Path, config: dict
     return Target(spec_rel, name, str(stack), rule, training.get("gpuProfile"))
 
 
+def matrix_entry(t: Target) -> dict[str, str]:
+    """One entry of the train job's matrix; the job runs in the stack's deploy environment (its OIDC subject)."""
+    from ci.stacks import deploy_environment
+
+    return {"spec": t.spec, "adapter": t.adapter, "stack": t.stack, "promote": t.promote,
+            "environment": deploy_environment(t.stack)}
+
+
 # -- PR summary: data, tokens, estimated GPU time and cost ------------------------------------------------------------
 def parameter_count(base_model: str, prices: dict[str, Any]) -> float | None:
     """N for the FLOPs model: the price file's table, else the size in the model's name (``-135M``, ``-8B``)."""
@@ -312,9 +320,9 @@ def summary_markdown(summaries: list[SpecSummary], prices: dict[str, Any]) -> st
             lines += ["", "Problems:", *[f"- {p}" for p in s.problems]]
         lines.append("")
     lines += [
-        f"_Estimates: 6·N FLOPs per trained token at {float(prices.get('mfu', 0.3)):.0%} of the GPU's peak, plus "
+        (f"_Estimates: 6·N FLOPs per trained token at {float(prices.get('mfu', 0.3)):.0%} of the GPU's peak, plus "
         f"{prices.get('startup_minutes', 0)} min of start-up; rates from ci/gpu_prices.yaml "
-        f"(checked {prices.get('checked', '?')}). Merging trains each spec on its stack._",
+        f"(checked {prices.get('checked', '?')}). Merging trains each spec on its stack._"),
     ]
     return "\n".join(lines) + "\n"
 
@@ -444,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("select", help="specs touched by a change")
     p.add_argument("--changed", type=Path, required=True, help="file with the changed paths, one per line")
     p.add_argument("--merge", action="store_true", help="leave out validate_only specs (the merge run)")
+    p.add_argument("--with-targets", action="store_true",
+                   help="matrix entries {spec, adapter, stack, promote, environment} instead of paths")
     p = sub.add_parser("summary", help="PR summary markdown")
     p.add_argument("specs", nargs="*")
     p.add_argument("--out", type=Path, help="write the markdown here (default: stdout)")
@@ -466,8 +476,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "select":
             changed = args.changed.read_text(encoding="utf-8").splitlines()
-            specs = select_specs(changed, repo, merge=args.merge)
-            _write_outputs(args.github_output, {"specs": json.dumps(specs), "count": str(len(specs))})
+            specs: list[Any] = select_specs(changed, repo, merge=args.merge)
+            if args.with_targets:
+                specs = [matrix_entry(target_of(s, read_spec_mapping(repo / s) or {}, stacks_dir)) for s in specs]
+            _write_outputs(args.github_output, {"specs": json.dumps(specs, separators=(",", ":")),
+                                                "count": str(len(specs))})
             return 0
         if args.command == "summary":
             prices = load_yaml(PRICES_FILE)

@@ -15,6 +15,7 @@ Writes ``changed=true|false`` and ``stacks=<comma list>`` to ``$GITHUB_OUTPUT`` 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -194,26 +195,47 @@ def pr_body(changes: list[StackChange], refs: dict[str, str], source: str | None
         lines += [f"- {c.stack}: {c.skipped}" for c in skipped]
     lines += [
         "",
-        "Merging deploys through the infrastructure workflow: dev, then staging, then team stacks and prod "
-        "(each behind its `stack-<stack>` environment). Every reference is a digest; nothing here can move.",
+        ("Merging deploys through the infrastructure workflow: dev, then staging, then team stacks and prod "
+        "(each behind its `stack-<stack>` environment). Every reference is a digest; nothing here can move."),
     ]
     return "\n".join(lines) + "\n"
 
 
+def refs_from_bake_metadata(metadata: dict, registry: str) -> dict[str, str]:
+    """Digest refs from ``docker buildx bake --metadata-file`` output (``{target: {"containerimage.digest"}}``)."""
+    refs = {}
+    for kind in KINDS:
+        digest = (metadata.get(kind) or {}).get("containerimage.digest")
+        if not digest:
+            raise PinError(f"bake metadata has no containerimage.digest for target {kind!r}: was it pushed?")
+        refs[kind] = f"{registry.rstrip('/')}/lorastack-{kind}@{digest}"
+        parse_digest_ref(refs[kind], kind)
+    return refs
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ci.pin_images", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--trainer", required=True, metavar="REF", help="<registry>/lorastack-trainer@sha256:...")
-    parser.add_argument("--inference", required=True, metavar="REF", help="<registry>/lorastack-inference@sha256:...")
+    parser.add_argument("--trainer", metavar="REF", help="<registry>/lorastack-trainer@sha256:...")
+    parser.add_argument("--inference", metavar="REF", help="<registry>/lorastack-inference@sha256:...")
+    parser.add_argument("--bake-metadata", type=Path, metavar="FILE", help="buildx bake --metadata-file output")
+    parser.add_argument("--registry", help="registry login server of the pushed images (with --bake-metadata)")
     parser.add_argument("--stacks-dir", type=Path, default=Path("stacks"))
     parser.add_argument("--stack", action="append", default=[], metavar="S", help="only this stack (repeatable)")
     parser.add_argument("--body", type=Path, metavar="FILE", help="write the PR description (markdown) here")
     parser.add_argument("--source", help="what the images were built from (shown in the PR body)")
     parser.add_argument("--github-output", type=Path, default=os.environ.get("GITHUB_OUTPUT") or None)
     args = parser.parse_args(argv)
-    refs = {"trainer": args.trainer.strip(), "inference": args.inference.strip()}
     try:
+        if args.bake_metadata:
+            if not args.registry:
+                raise PinError("--bake-metadata needs --registry (the ACR login server, e.g. myacr.azurecr.io)")
+            refs = refs_from_bake_metadata(json.loads(args.bake_metadata.read_text(encoding="utf-8")), args.registry)
+        elif args.trainer and args.inference:
+            refs = {"trainer": args.trainer.strip(), "inference": args.inference.strip()}
+        else:
+            raise PinError("give --trainer and --inference refs, or --bake-metadata with --registry")
         changes = pin_stacks(args.stacks_dir, refs, args.stack or None)
-    except (PinError, OSError) as exc:
+    except (PinError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     changed = [c.stack for c in changes if c.changed]
