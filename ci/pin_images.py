@@ -167,6 +167,34 @@ def pin_stacks(
     return changes
 
 
+GUARDRAILS_FILE = "guardrails.yaml"
+DEFAULT_KEYS = {"trainer": "trainerImage", "inference": "inferenceImage"}
+
+
+def pin_guardrail_defaults(stacks_dir: Path, refs: dict[str, str], write: bool = True) -> dict[str, str]:
+    """Point the images ``lorastack stack new`` writes into a new team stack (``trainerImage`` / ``inferenceImage``
+    in stacks/guardrails.yaml) at the same digests, so a new stack starts pinned. Returns the old values; a file
+    without those keys is left alone."""
+    path = Path(stacks_dir) / GUARDRAILS_FILE
+    if not path.exists():
+        return {}
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    old = {}
+    for i, line in enumerate(lines):
+        raw = line.rstrip("\r\n")
+        m = _CHILD_RE.match(raw)
+        if not m or not m["value"]:
+            continue
+        kind = next((k for k, key in DEFAULT_KEYS.items() if key == m["key"]), None)
+        if kind is None:
+            continue
+        old[kind] = _strip_quotes(m["value"])
+        lines[i] = f"{m['indent']}{m['key']}:{m['sep'] or ' '}{refs[kind]}{m['comment'] or ''}{line[len(raw):]}"
+    if write and old and any(old.get(k) != refs[k] for k in old):
+        path.write_text("".join(lines), encoding="utf-8")
+    return old
+
+
 def _short(ref: str) -> str:
     m = DIGEST_REF_RE.match(ref)
     return f"`{m['repository']}@sha256:{m['digest'][:12]}`" if m else f"`{ref}`"
@@ -235,15 +263,22 @@ def main(argv: list[str] | None = None) -> int:
         else:
             raise PinError("give --trainer and --inference refs, or --bake-metadata with --registry")
         changes = pin_stacks(args.stacks_dir, refs, args.stack or None)
+        defaults = {} if args.stack else pin_guardrail_defaults(args.stacks_dir, refs)
     except (PinError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     changed = [c.stack for c in changes if c.changed]
+    if any(defaults.get(k) != refs[k] for k in defaults):
+        changed.append(GUARDRAILS_FILE)
+        print(f"{GUARDRAILS_FILE}: new team stacks start from these digests")
     for c in changes:
         state = f"skipped: {c.skipped}" if c.skipped else ("pinned" if c.changed else "already pinned")
         print(f"{c.stack}: {state}")
     if args.body:
-        args.body.write_text(pr_body(changes, refs, args.source), encoding="utf-8")
+        body = pr_body(changes, refs, args.source)
+        if GUARDRAILS_FILE in changed:
+            body += f"\n`stacks/{GUARDRAILS_FILE}`: `lorastack stack new` now writes these digests into new team stacks.\n"
+        args.body.write_text(body, encoding="utf-8")
     if args.github_output:
         with open(args.github_output, "a", encoding="utf-8") as fh:
             fh.write(f"changed={'true' if changed else 'false'}\nstacks={','.join(changed)}\n")

@@ -140,5 +140,24 @@ def test_images_workflow_builds_both_targets_once_with_cache_and_attestations():
     pin_step = next(s for s in jobs["pin"]["steps"] if s.get("id") == "pin")
     assert "python -m ci.pin_images --bake-metadata" in pin_step["run"]
     pr = next(s for s in jobs["pin"]["steps"] if str(s.get("uses", "")).startswith("peter-evans/create-pull-request@"))
-    assert pr["with"]["add-paths"] == "stacks/Pulumi.*.yaml"
+    assert pr["with"]["add-paths"].split() == ["stacks/Pulumi.*.yaml", "stacks/guardrails.yaml"]
     assert set(workflow("images.yml")["on"]["push"]["paths"]) >= {"src/**", "images/**", "pyproject.toml"}
+
+
+def test_new_team_stacks_start_from_the_pinned_digests(tmp_path):
+    """The guardrails' defaults (what `lorastack stack new` writes) move with the stacks; comments stay."""
+    root = repo_copy(tmp_path)
+    path = root / "stacks" / "guardrails.yaml"
+    before = path.read_text()
+    old = pin.pin_guardrail_defaults(root / "stacks", REFS)
+    if not old:
+        pytest.skip("stacks/guardrails.yaml has no trainerImage/inferenceImage defaults")
+    after = path.read_text()
+    assert [line for line in before.splitlines() if "Image:" not in line] == [
+        line for line in after.splitlines() if "Image:" not in line]
+    doc = yaml.safe_load(after)["selfService"]["defaults"]
+    assert (doc["trainerImage"], doc["inferenceImage"]) == (REFS["trainer"], REFS["inference"])
+    res = lorastack("stack", "new", "fresh", "--project-dir", str(root), cwd=root)
+    assert res.returncode == 0, res.stdout + res.stderr
+    images = yaml.safe_load((root / "stacks" / "Pulumi.fresh.yaml").read_text())["config"]["lorastack:images"]
+    assert images["trainer"] == REFS["trainer"] and images["inference"] == REFS["inference"]
