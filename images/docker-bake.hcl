@@ -19,6 +19,11 @@ variable "SOURCE_URL" {
   default = ""
 }
 
+// "false" for a build that is not pushed (pull requests): attestations need an image to attach to.
+variable "ATTEST" {
+  default = "true"
+}
+
 group "default" {
   targets = ["trainer", "inference"]
 }
@@ -32,10 +37,10 @@ target "_common" {
     VCS_REF    = VCS_REF
     SOURCE_URL = SOURCE_URL
   }
-  attest = [
+  attest = ATTEST == "true" ? [
     "type=provenance,mode=max",
     "type=sbom",
-  ]
+  ] : []
 }
 
 // The tag is for people browsing the registry; stack files reference the digest (ci/pin_images.py).
