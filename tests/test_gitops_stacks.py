@@ -142,3 +142,56 @@ def test_a_new_team_stack_passes_its_first_preview_in_a_dry_run(tmp_path):
     preview = workflow("infrastructure.yml")["jobs"]["preview"]
     step = next(s for s in preview["steps"] if str(s.get("uses", "")).startswith("pulumi/actions@"))
     assert step["with"]["upsert"] is True and step["with"]["stack-name"] == "${{ matrix.pulumi_stack }}"
+
+
+# -- dry runs of the workflow's job graph (its real `if:` expressions, evaluated by tests/gha_expressions.py) -----
+def _run(event, ref="refs/heads/main", stack="", outcome=None):
+    """Which infrastructure jobs run for an event; the offline job fails when its dispatch guard step fires."""
+    from gha_expressions import evaluate, simulate
+
+    doc = workflow("infrastructure.yml")
+    ctx = {"github": {"event_name": event, "ref": ref}, "inputs": {"stack": stack}}
+    guard = doc["jobs"]["offline"]["steps"][0]
+    outcome = dict(outcome or {})
+    if evaluate(guard["if"], ctx):
+        outcome["offline"] = "failure"
+    outputs = {"offline": stacks.github_outputs(stacks.load_stacks(REPO / "stacks"), stack or None)}
+    return simulate(doc["jobs"], ctx, outcome, outputs)
+
+
+def test_dry_run_pull_request_previews_and_deploys_nothing():
+    r = _run("pull_request", ref="refs/pull/7/merge")
+    assert r["preview"] == "success"
+    assert {r[j] for j in ("up-dev", "up-staging", "up-teams", "up-prod", "drift")} == {"skipped"}
+
+
+def test_dry_run_merge_deploys_every_wave():
+    r = _run("push")
+    assert [r[j] for j in ("up-dev", "up-staging", "up-teams", "up-prod")] == ["success"] * 4
+    assert r["preview"] == r["drift"] == "skipped"
+
+
+def test_dry_run_a_failing_team_stack_does_not_block_prod():
+    r = _run("push", outcome={"up-teams": "failure"})
+    assert r["up-teams"] == "failure" and r["up-prod"] == "success"
+
+
+def test_dry_run_a_failing_staging_stops_teams_and_prod():
+    r = _run("push", outcome={"up-staging": "failure"})
+    assert r["up-teams"] == r["up-prod"] == "skipped"
+
+
+def test_dry_run_dispatch_of_one_team_stack_deploys_only_it():
+    r = _run("workflow_dispatch", stack="vision")
+    assert (r["up-dev"], r["up-staging"], r["up-teams"], r["up-prod"]) == ("skipped", "skipped", "success", "skipped")
+
+
+def test_dry_run_dispatch_from_a_branch_deploys_nothing():
+    r = _run("workflow_dispatch", ref="refs/heads/feature")
+    assert r["offline"] == "failure"
+    assert {r[j] for j in ("up-dev", "up-staging", "up-teams", "up-prod")} == {"skipped"}
+
+
+def test_dry_run_nightly_checks_drift_only():
+    r = _run("schedule")
+    assert r["drift"] == "success" and r["preview"] == "skipped" and r["up-prod"] == "skipped"
