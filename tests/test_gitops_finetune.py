@@ -205,3 +205,20 @@ def test_finetune_workflow_uses_the_scripts_and_the_contract_commands():
                     'lorastack adapters promote "$NEW"', "python -m ci.finetune report", "$GITHUB_STEP_SUMMARY"):
         assert command in text, command
     assert "gh pr comment" in text and "python -m ci.finetune summary" in text
+
+
+def test_summary_counts_tokens_with_the_base_models_tokenizer(repo, tiny_llama):
+    """`summary --tokenizer`: the base model's own tokenizer and chat template count the tokens, no estimate."""
+    spec = repo / "jobs" / "vision" / "helper.yaml"
+    spec.write_text(spec.read_text().replace("base_model: HuggingFaceTB/SmolLM2-135M-Instruct",
+                                             f"base_model: {tiny_llama}"))
+    tokenizer = ft._load_tokenizer(spec)
+    s = ft.summarize_spec("jobs/vision/helper.yaml", repo, repo / "stacks", PRICES, CONFIG, tokenizer=tokenizer)
+    text = "\n".join(s.lines)
+    assert s.ok, s.problems
+    assert "≈" not in text
+    from lorastack.data import validate_file
+
+    exact = validate_file(repo / "jobs" / "data" / "plant-care-train.jsonl", tokenizer, 512, "train").tokens.total
+    assert f"30 examples (30 trainable), {exact:,} tokens," in text
+    assert "unknown size" in text, "a local model directory has no size in its name: the summary says so"
