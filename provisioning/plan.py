@@ -24,6 +24,7 @@ NOT_PREVIEW = ("offline render under Pulumi mocks: this is NOT `pulumi preview` 
                "no provider-side validation); run `pulumi preview --stack {stack} --policy-pack policy` for that")
 ROLE_NAMES = {"4633458b-17de-408a-b874-0445c86b69e6": "Key Vault Secrets User",
               "7f951dda-4ed3-4680-a7ca-43fe172d538d": "AcrPull"}
+_PLATFORM_CACHE: dict = {}
 
 
 @dataclass
@@ -53,13 +54,51 @@ def plan_stack(stack: str, project_dir: Path | None = None, guardrails: Guardrai
     from provisioning.offline import render_config
 
     sf = load_stack(stack, project_dir, esc_secret_keys=SECRET_KEYS)
-    parse_settings(sf.raw(), sf.display_path, stack, sf.bare_secret_keys())  # fail before rendering anything
-    rendering = render_config(sf.project, stack, sf.config, sf.secret_keys)
     g = guardrails or load_guardrails(sf.project_dir)
-    verdicts = policies.evaluate(to_policy_resources(rendering.resources), g)
+    # fail before rendering anything; the tier is the guardrails' word for this stack name
+    settings = parse_settings(sf.raw(), sf.display_path, stack, sf.bare_secret_keys(), expected_tier=g.tier_for(stack))
     notes = [f"{k} is expected from ESC environment {', '.join(sf.environments)} (not checked offline)"
              for k in sf.from_environment]
+    stack_outputs = {}
+    if settings.tier == "team":
+        ref = g.platform_reference()
+        if ref is None or g.platform_stack == stack:
+            raise StackFileError("stacks/guardrails.yaml: selfService.platformStack is missing; team stacks join the "
+                                 "platform stack's environment")
+        platform = plan_stack(g.platform_stack, sf.project_dir, g)
+        stack_outputs[ref] = platform.outputs
+        notes.append(f"joins the environment of platform stack {g.platform_stack!r} (StackReference {ref}; its "
+                     "outputs come from its own offline render)")
+    rendering = render_config(sf.project, stack, sf.config, sf.secret_keys, stack_outputs=stack_outputs)
+    verdicts = policies.evaluate(to_policy_resources(rendering.resources), g)
+    notes += reachability(settings)
+    if any(PLACEHOLDER_DIGEST in getattr(settings.images, k) for k in ("trainer", "inference")):
+        notes.append("images use the placeholder digest (sha256:000...): the image workflow proposes the real "
+                     "digests in a pull request; `pulumi up` with the placeholder cannot pull")
     return PlanResult(sf, rendering.resources, rendering.outputs, rendering.secret_outputs, verdicts, notes)
+
+
+PLACEHOLDER_DIGEST = "@sha256:" + "0" * 64
+
+
+def reachability(s) -> list[str]:
+    """Who can reach the endpoint and the store, from the settings alone [rule storage-firewall]."""
+    i, n = s.inference, s.network
+    if i.ip_allow_list:
+        ranges = ", ".join(f"{r.name} {r.cidr}" for r in i.ip_allow_list)
+        endpoint = f"endpoint: public, admits only {ranges}; a laptop or CI runner elsewhere gets 403"
+    else:
+        endpoint = "endpoint: public (any laptop or CI runner; API key required on /v1)"
+    if n is None:
+        store = "store: public endpoint with the account key (any laptop or CI runner with Azure access)"
+    else:
+        ranges = ", ".join(f"{r.name} {r.cidr}" for r in n.client_cidrs)
+        store = ("store: firewall denies all but the environment's subnet"
+                 + (f" and {ranges}: `lorastack finetune`/`status` work from there only" if ranges else
+                    ": `lorastack finetune`/`status` from a laptop or CI runner get 403 (add network.clientCidrs)"))
+    if s.tier == "team":
+        store = "store: public endpoint with the account key (team store)"
+    return [endpoint, store]
 
 
 def _num(v: Any) -> Any:

@@ -40,8 +40,11 @@ def test_every_stack_file_renders_and_passes_the_policies(offline, stack):
     failed = {k: [v.message for v in vs] for k, vs in result.verdicts.items() if vs}
     assert not failed
     types = {r.type.split(":")[-1] for r in result.resources if r.custom}
-    assert {"ManagedEnvironment", "Workspace", "StorageAccount", "FileShare", "ManagedEnvironmentsStorage",
+    assert {"StorageAccount", "FileShare", "ManagedEnvironmentsStorage",
             "UserAssignedIdentity", "RoleAssignment", "Job", "ContainerApp"} <= types
+    # team stacks join the platform's environment (GPU quota is per environment); platform stacks own one
+    owns_environment = {"ManagedEnvironment", "Workspace"} <= types
+    assert owns_environment == (load_guardrails(REPO).tier_for(stack) != "team")
     assert not result.secret_outputs and result.outputs["storeMountPath"] == "/mnt/store"
 
 
@@ -57,7 +60,10 @@ def test_environments_differ_like_real_ones(offline):
     protected = {r.type.split(":")[-1] for r in prod.resources if r.protect}
     assert {"ManagedEnvironment", "StorageAccount", "FileShare", "Vault", "ResourceGroup"} <= protected
     assert one(prod, "Workspace").get("retentionInDays") > one(dev, "Workspace").get("retentionInDays")
-    assert one(prod, "ManagedEnvironment").get("vnetConfiguration.internal") is True
+    # prod: external environment in its VNet; the store admits the subnet and the named client range
+    assert one(prod, "ManagedEnvironment").get("vnetConfiguration.internal") is False
+    assert one(prod, "StorageAccount").get("networkRuleSet.ipRules") == [
+        {"iPAddressOrRange": "203.0.113.0/24", "action": "Allow"}]
     assert one(dev, "ManagedEnvironment").get("vnetConfiguration") is None
 
 
@@ -100,7 +106,7 @@ def test_plan_cli_prints_table_and_verdicts(offline, capsys, stack):
     assert "app:ManagedEnvironment" in out and "Consumption=Consumption" in out
     assert "app:Job" in out and "app:ContainerApp" in out
     assert "PASS  storage-hardening" in out and "PASS  prod-data-protected" in out
-    assert "OK: 7/7 policies pass" in out
+    assert "OK: 8/8 policies pass" in out
 
 
 def test_plan_cli_json(offline, capsys):
@@ -145,15 +151,25 @@ def test_plan_cli_unknown_stack(capsys):
 
 # --- lorastack stack new -------------------------------------------------------------------------------------
 def test_stack_new_writes_a_valid_team_stack(offline, capsys, project_copy):
-    assert cli(["stack", "new", "search", "--location", "swedencentral", "--max-replicas", "2",
+    assert cli(["stack", "new", "search", "--location", "westus3", "--max-replicas", "2",
                 "--project-dir", str(project_copy)]) == 0
     path = project_copy / "stacks" / "Pulumi.search.yaml"
     cfg = yaml.safe_load(path.read_text())["config"]
-    assert cfg["lorastack:tier"] == "team" and cfg["lorastack:location"] == "swedencentral"
+    assert cfg["lorastack:tier"] == "team" and cfg["lorastack:location"] == "westus3"
     assert cfg["lorastack:inference"]["maxReplicas"] == 2
     assert cfg["lorastack:keyVault"]["hfTokenSecretName"] == "search-hf-token"
     out = capsys.readouterr().out
     assert "wrote stacks/Pulumi.search.yaml" in out and "every policy passing" in out  # validated by a render
+    # issue 10: what the pipeline needs for the new stack, and the one-time steps lorastack cannot do
+    entry = yaml.safe_load((project_copy / "stacks" / "pipeline.yaml").read_text())["stacks"]["search"]
+    assert entry == {
+        "file": "stacks/Pulumi.search.yaml", "pulumiStack": "lorastack/lorastack/search", "upsert": True,
+        "tier": "team", "order": 3, "dependsOn": ["platform"],
+        "deployEnvironment": "stack-search", "previewEnvironment": "preview-search",
+        "deploySubject": "repo:lorastack/lorastack:environment:stack-search",
+        "previewSubject": "repo:lorastack/lorastack:environment:preview-search"}
+    assert "repo:lorastack/lorastack:environment:preview-search" in out and "upsert" in out
+    assert "one-time platform steps" in out and "search-hf-token" in out and "kv-platform-" in out
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -168,8 +184,8 @@ def test_stack_new_refuses_outside_the_guardrails(capsys, project_copy, argv, ne
     assert not (project_copy / "stacks" / "Pulumi.search.yaml").exists()
 
 
-@pytest.mark.parametrize("team, needle", [("prod", "reserved"), ("Bad_Team", "not a valid stack name"),
-                                          ("vision", "already exists")])
+@pytest.mark.parametrize("team, needle", [("prod", "reserved"), ("platform", "reserved"),
+                                          ("Bad_Team", "not a valid stack name"), ("vision", "already exists")])
 def test_stack_new_refuses_bad_names(capsys, project_copy, team, needle):
     assert cli(["stack", "new", team, "--project-dir", str(project_copy)]) == 2
     assert needle in capsys.readouterr().err
