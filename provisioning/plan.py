@@ -2,8 +2,10 @@
 
 Runs the real program (provisioning.program.run) with the real pulumi-azure-native classes under Pulumi's mocks:
 no Pulumi CLI, no Azure credentials, a second or two. It shows what would be sent to the provider; it is NOT
-``pulumi preview`` (no state, no diff, nothing checked by Azure). Exit codes: 0 all policies pass, 1 a policy
-is violated, 2 the stack file is invalid.
+``pulumi preview`` (nothing checked by Azure). With ``--against STATE.json`` (``pulumi stack export`` or ``pulumi
+stack output --json`` of the live stack) it also reports the changes an up would make that Azure refuses or that break
+a running workload (provisioning.changes). Exit codes: 0 all policies pass and nothing blocks, 1 a policy is violated
+or a change blocks, 2 the stack file (or the state file) is invalid.
 """
 
 from __future__ import annotations
@@ -37,10 +39,14 @@ class PlanResult:
     secret_outputs: set[str]
     verdicts: dict[str, list[policies.Violation]]
     notes: list[str] = field(default_factory=list)
+    changes: list[Any] | None = None  # changes.Change list when planned --against a state
+    against: str | None = None
 
     @property
     def ok(self) -> bool:
-        return not any(self.verdicts.values())
+        from provisioning.changes import blocking
+
+        return not any(self.verdicts.values()) and not blocking(self.changes or [])
 
 
 def to_policy_resources(rendered) -> list[policies.Resource]:
@@ -49,8 +55,11 @@ def to_policy_resources(rendered) -> list[policies.Resource]:
             for r in rendered if r.custom]
 
 
-def plan_stack(stack: str, project_dir: Path | None = None, guardrails: Guardrails | None = None) -> PlanResult:
-    """Load, validate, render and policy-check ``stack``. Raises StackFileError / SettingsError."""
+def plan_stack(stack: str, project_dir: Path | None = None, guardrails: Guardrails | None = None,
+               against: Path | None = None) -> PlanResult:
+    """Load, validate, render and policy-check ``stack``; with ``against`` (``pulumi stack export`` or ``pulumi stack
+    output --json`` of the live stack), also plan the changes an up would make to it. Raises StackFileError /
+    SettingsError (and changes.StateError for a bad state file)."""
     from provisioning.offline import render_config
 
     sf = load_stack(stack, project_dir, esc_secret_keys=SECRET_KEYS)
@@ -75,7 +84,22 @@ def plan_stack(stack: str, project_dir: Path | None = None, guardrails: Guardrai
     if any(PLACEHOLDER_DIGEST in getattr(settings.images, k) for k in ("trainer", "inference")):
         notes.append("images use the placeholder digest (sha256:000...): the image workflow proposes the real "
                      "digests in a pull request; `pulumi up` with the placeholder cannot pull")
-    return PlanResult(sf, rendering.resources, rendering.outputs, rendering.secret_outputs, verdicts, notes)
+    result = PlanResult(sf, rendering.resources, rendering.outputs, rendering.secret_outputs, verdicts, notes)
+    if against is not None:
+        from provisioning import changes
+
+        try:
+            data = json.loads(Path(against).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise changes.StateError(f"{against}: cannot read a JSON state: {e}") from None
+        try:
+            live = changes.read_state(data)
+        except changes.StateError as e:
+            raise changes.StateError(f"{against}: {e}") from None
+        result.changes = changes.plan_changes(live, changes.desired_shape(rendering.resources),
+                                              team_stacks_may_use=stack == g.platform_stack)
+        result.against = str(against)
+    return result
 
 
 PLACEHOLDER_DIGEST = "@sha256:" + "0" * 64
@@ -221,8 +245,16 @@ def render_text(p: PlanResult) -> str:
             lines.append(f"        {v.resource}: {v.message}")
     for n in p.notes:
         lines.append(f"note: {n}")
+    if p.changes is not None:
+        lines += ["", f"Changes against {p.against} (what `pulumi up` would do to the live stack):"]
+        lines += [f"  {c.line()}" for c in p.changes] or ["  nothing Azure refuses or that breaks a running workload"]
     failed = sum(1 for v in p.verdicts.values() if v)
-    lines += ["", f"{'OK' if p.ok else 'FAILED'}: {len(p.verdicts) - failed}/{len(p.verdicts)} policies pass"]
+    summary = f"{len(p.verdicts) - failed}/{len(p.verdicts)} policies pass"
+    if p.changes is not None:
+        from provisioning.changes import blocking
+
+        summary += f", {len(blocking(p.changes))} blocking change(s)"
+    lines += ["", f"{'OK' if p.ok else 'FAILED'}: {summary}"]
     return "\n".join(lines)
 
 
@@ -242,16 +274,22 @@ def render_json(p: PlanResult) -> str:
         "policies": [{"name": k, "passed": not v, "violations": [{"resource": x.resource, "message": x.message}
                                                                  for x in v]} for k, v in p.verdicts.items()],
         "notes": p.notes,
+        "changes": None if p.changes is None else [
+            {"severity": c.severity, "rule": c.rule, "resource": c.resource, "message": c.message, "fix": c.fix}
+            for c in p.changes],
         "ok": p.ok,
     }, indent=2, default=str)
 
 
 def plan_command(args) -> int:
     """CLI handler for ``lorastack plan``."""
+    from provisioning.changes import StateError
+
     project_dir = Path(args.project_dir) if getattr(args, "project_dir", None) else None
+    against = Path(args.against) if getattr(args, "against", None) else None
     try:
-        result = plan_stack(args.stack, project_dir)
-    except (StackFileError, SettingsError) as e:
+        result = plan_stack(args.stack, project_dir, against=against)
+    except (StackFileError, SettingsError, StateError) as e:
         if args.json:
             print(json.dumps({"stack": args.stack, "ok": False, "configErrors": str(e).splitlines()}, indent=2))
         else:
