@@ -74,8 +74,7 @@ def plan_stack(stack: str, project_dir: Path | None = None, guardrails: Guardrai
         if ref is None or g.platform_stack == stack:
             raise StackFileError("stacks/guardrails.yaml: selfService.platformStack is missing; team stacks join the "
                                  "platform stack's environment")
-        platform = plan_stack(g.platform_stack, sf.project_dir, g)
-        stack_outputs[ref] = platform.outputs
+        stack_outputs[ref] = platform_outputs(sf.project_dir, g)
         notes.append(f"joins the environment of platform stack {g.platform_stack!r} (StackReference {ref}; its "
                      "outputs come from its own offline render)")
     rendering = render_config(sf.project, stack, sf.config, sf.secret_keys, stack_outputs=stack_outputs)
@@ -103,6 +102,20 @@ def plan_stack(stack: str, project_dir: Path | None = None, guardrails: Guardrai
 
 
 PLACEHOLDER_DIGEST = "@sha256:" + "0" * 64
+
+
+def platform_outputs(project_dir: Path, g: Guardrails) -> dict[str, Any]:
+    """The platform stack's outputs from its own offline render (what a team stack's StackReference reads); rendered
+    once per platform stack file content."""
+    from provisioning.stackfile import stack_path
+
+    key = (str(project_dir), repr(g), stack_path(project_dir, g.platform_stack).read_text())
+    if key not in _PLATFORM_CACHE:
+        result = plan_stack(g.platform_stack, project_dir, g)
+        if not result.ok:
+            raise StackFileError(f"platform stack {g.platform_stack!r} does not pass its own plan; fix it first")
+        _PLATFORM_CACHE[key] = result.outputs
+    return _PLATFORM_CACHE[key]
 
 
 def reachability(s) -> list[str]:

@@ -84,6 +84,18 @@ class Offline:
         return _CACHE[key]
 
 
+_PLANS: dict = {}
+
+
+def planned(stack: str):
+    """provisioning.plan.plan_stack(stack) of the repo's stack file, once per session (renders are deterministic)."""
+    from provisioning.plan import plan_stack
+
+    if stack not in _PLANS:
+        _PLANS[stack] = plan_stack(stack, REPO)
+    return _PLANS[stack]
+
+
 @pytest.fixture
 def offline():
     """An Offline renderer; Pulumi's global state (root stack, config) is reset before and after each test."""

@@ -69,7 +69,7 @@ def test_platform_profiles_may_be_used_by_team_stacks():
 
 
 def test_refusals_say_what_to_do():
-    [refused, note] = plan_changes(shape(), shape(profiles=A100_ONLY, workloads=ON_A100))
+    [refused, _note] = plan_changes(shape(), shape(profiles=A100_ONLY, workloads=ON_A100))
     assert "WorkloadProfileInUse" in refused.message and "lorastack-dev-serve" in refused.message
     assert "extraGpuProfiles" in refused.fix and "second up" in refused.fix
     assert "[rule profile-in-use]" in refused.line()

@@ -10,22 +10,13 @@ import sys
 
 import pytest
 import yaml
-from provisioning_helpers import REPO
+from provisioning_helpers import REPO, planned
 
 from lorastack.cli import main as cli
 from provisioning.guardrails import load_guardrails
-from provisioning.plan import plan_stack
 from provisioning.stackfile import available_stacks
 
 STACKS = available_stacks(REPO)
-_PLANS: dict = {}
-
-
-def planned(stack):
-    """plan_stack(stack) for the repo's stack files, rendered once per session (renders are deterministic)."""
-    if stack not in _PLANS:
-        _PLANS[stack] = plan_stack(stack, REPO)
-    return _PLANS[stack]
 
 
 def test_expected_stack_files_exist():
