@@ -34,6 +34,7 @@ class AdapterStoreArgs:
     protect: bool
     tier_tag: str
     tags: dict[str, str]
+    existing: bool = False  # bring your own account (in resource_group_name) and share: read, never modified
 
 
 class AdapterStore(pulumi.ComponentResource):
@@ -53,6 +54,16 @@ class AdapterStore(pulumi.ComponentResource):
 
     def __init__(self, name: str, args: AdapterStoreArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("lorastack:provisioning:AdapterStore", name, {}, opts)
+        if args.existing:
+            account = storage.get_storage_account_output(resource_group_name=args.resource_group_name,
+                                                         account_name=args.account_name)
+            share = storage.get_file_share_output(resource_group_name=args.resource_group_name,
+                                                  account_name=args.account_name, share_name=args.share_name)
+        else:
+            account, share = self._create(name, args)
+        self._links(name, args, account, share)
+
+    def _create(self, name: str, args: AdapterStoreArgs):
         child = pulumi.ResourceOptions(parent=self)
         premium = args.tier == "Premium"
         account = storage.StorageAccount(
@@ -105,7 +116,9 @@ class AdapterStore(pulumi.ComponentResource):
             metadata={"lorastacktier": args.tier_tag},  # share metadata names must be C# identifiers
             opts=pulumi.ResourceOptions(parent=self, protect=args.protect, depends_on=[file_service]),
         )
+        return account, share
 
+    def _links(self, name: str, args: AdapterStoreArgs, account, share) -> None:
         # Listed keys are not secret by themselves (PAN#1693): wrap, so the key never lands in plain state.
         key = pulumi.Output.secret(
             storage.list_storage_account_keys_output(
@@ -128,9 +141,9 @@ class AdapterStore(pulumi.ComponentResource):
                 # [rule storage-rekey] a link keeps the key it was created with; rotation = a new generation
                 opts=pulumi.ResourceOptions(parent=self, ignore_changes=["properties.azureFile.accountKey"]),
             )
-        self.account_name = account.name
+        self.account_name = pulumi.Output.from_input(account.name)
         self.account_id = account.id
-        self.share_name = share.name
+        self.share_name = pulumi.Output.from_input(share.name)
         self.storage_name = links["ReadWrite"].name
         self.read_only_storage_name = links["ReadOnly"].name
         self.register_outputs({

@@ -118,17 +118,45 @@ def arm_id(short: str, name: str, plain: dict[str, Any]) -> str:
         name=name, **fields)
 
 
+def _rg_id(a: dict[str, Any]) -> str:
+    return f"/subscriptions/{FAKE_SUBSCRIPTION}/resourceGroups/{a.get('resourceGroupName')}/providers"
+
+
+# What the get functions answer for brought resources (a plausible, documented setup; tests override parts).
+EXISTING = {
+    "azure-native:app:getManagedEnvironment": lambda a, o: {
+        "id": f"{_rg_id(a)}/Microsoft.App/managedEnvironments/{a.get('environmentName')}",
+        "name": a.get("environmentName"), "location": "West US 3",
+        "workloadProfiles": o.get("workloadProfiles", [
+            {"name": "Consumption", "workloadProfileType": "Consumption"},
+            {"name": "gpu-a100", "workloadProfileType": "Consumption-GPU-NC24-A100"},
+            {"name": "gpu-t4", "workloadProfileType": "Consumption-GPU-NC8as-T4"}])},
+    "azure-native:storage:getStorageAccount": lambda a, o: {
+        "id": f"{_rg_id(a)}/Microsoft.Storage/storageAccounts/{a.get('accountName')}", "name": a.get("accountName"),
+        "location": "westus3", "kind": "StorageV2", "sku": {"name": "Standard_LRS"}},
+    "azure-native:storage:getFileShare": lambda a, o: {
+        "id": f"{_rg_id(a)}/Microsoft.Storage/storageAccounts/{a.get('accountName')}/fileServices/default/shares/"
+              f"{a.get('shareName')}", "name": a.get("shareName"), "enabledProtocols": "SMB"},
+    "azure-native:operationalinsights:getWorkspace": lambda a, o: {
+        "id": f"{_rg_id(a)}/Microsoft.OperationalInsights/workspaces/{a.get('workspaceName')}",
+        "name": a.get("workspaceName"), "customerId": "existing-customer-id", "location": "westus3"},
+}
+
+
 class RecordingMocks(pulumi.runtime.Mocks):
     """Mocks that record every registration and answer like the azure-native provider would, offline."""
 
     def __init__(self, stack_outputs: dict[str, dict[str, Any]] | None = None,
-                 subnets: dict[str, dict[str, Any]] | None = None) -> None:
+                 subnets: dict[str, dict[str, Any]] | None = None,
+                 existing: dict[str, dict[str, Any]] | None = None) -> None:
         self.calls: list[pulumi.runtime.MockCallArgs] = []
         self.inputs: dict[tuple[str, str], dict[str, Any]] = {}  # (type, name) -> wire-format inputs
         # StackReference name ("org/lorastack/platform") -> that stack's outputs (from its own offline render)
         self.stack_outputs = stack_outputs or {}
         # brought subnets by resource ID -> the get_subnet result (camelCase)
         self.subnets = subnets or {}
+        # get-function token -> overrides of the answer for brought resources
+        self.existing: dict[str, dict[str, Any]] = existing or {}
 
     def new_resource(self, args: pulumi.runtime.MockResourceArgs):
         self.inputs[(args.typ, args.name)] = args.inputs
@@ -196,6 +224,9 @@ class RecordingMocks(pulumi.runtime.Mocks):
                 found = {"serviceEndpoints": [{"service": "Microsoft.Storage"}],
                          "delegations": [{"name": "aca", "serviceName": "Microsoft.App/environments"}]}
             return {"id": sid, "name": a.get("subnetName"), **found}
+        if args.token in EXISTING:  # brought resources, read with get functions
+            a = args.args
+            return EXISTING[args.token](a, self.existing.get(args.token, {}))
         if args.token == "azure-native:operationalinsights:getSharedKeys":
             return {"primarySharedKey": "mock-shared-key==", "secondarySharedKey": "mock-shared-key-2=="}
         return {}
@@ -272,12 +303,13 @@ def _single_worker_executor() -> None:
 
 def install_mocks(project: str, stack: str, config: dict[str, str], secret_keys: list[str],
                   stack_outputs: dict[str, dict[str, Any]] | None = None,
-                  subnets: dict[str, dict[str, Any]] | None = None) -> OptionsMonitor:
+                  subnets: dict[str, dict[str, Any]] | None = None,
+                  existing: dict[str, dict[str, Any]] | None = None) -> OptionsMonitor:
     """Reset Pulumi's runtime state (root stack, config) and install fresh mocks for one render."""
     psettings.set_root_resource(None)
     pulumi.runtime.set_all_config(dict(config), list(secret_keys))
     _single_worker_executor()
-    mocks = RecordingMocks(stack_outputs, subnets)
+    mocks = RecordingMocks(stack_outputs, subnets, existing)
     monitor = OptionsMonitor(mocks)
     pulumi.runtime.set_mocks(mocks, project=project, stack=stack, preview=False, monitor=monitor)
     return monitor
@@ -297,14 +329,16 @@ def run_and_settle(fn) -> Any:
 
 def render_config(project: str, stack: str, config: dict[str, str], secret_keys: list[str], program=None,
                   stack_outputs: dict[str, dict[str, Any]] | None = None,
-                  subnets: dict[str, dict[str, Any]] | None = None) -> Rendering:
+                  subnets: dict[str, dict[str, Any]] | None = None,
+                  existing: dict[str, dict[str, Any]] | None = None) -> Rendering:
     """Render ``program`` (default: provisioning.program.run) for ``stack`` with this config, offline.
 
     ``stack_outputs`` answers StackReferences (team stacks read the platform stack's outputs); ``subnets`` answers
-    get_subnet for brought subnets (default: one set up as documented)."""
+    get_subnet for brought subnets (default: one set up as documented); ``existing`` overrides what the other get
+    functions answer for brought resources (provisioning.offline.EXISTING)."""
     from provisioning import program as prog
 
-    monitor = install_mocks(project, stack, config, secret_keys, stack_outputs, subnets)
+    monitor = install_mocks(project, stack, config, secret_keys, stack_outputs, subnets, existing)
     values: dict[str, Any] = {}
     secret_outputs: set[str] = set()
 

@@ -53,8 +53,53 @@ class Platform:
     workload_profiles: pulumi.Input[list]
 
 
+def _registry(s: StackSettings, stack: str, rg_name, tags: dict) -> tuple:
+    reg = s.images.registry
+    if reg is not None and reg.create:
+        from provisioning.registry import ImageRegistry, ImageRegistryArgs
+
+        acr = ImageRegistry("registry", ImageRegistryArgs(
+            resource_group_name=rg_name, location=s.location,
+            registry_name=reg.name or naming.registry_name(PROJECT, stack), sku=reg.sku, protect=s.protect, tags=tags,
+        ))
+        return acr.login_server, acr.registry_id, acr.registry_name
+    if reg is not None:
+        return reg.server, reg.resource_id, reg.resource_id.rsplit("/", 1)[-1]
+    return None, None, None
+
+
+def _existing_platform(s: StackSettings, stack: str, rg_name, tags: dict) -> Platform:
+    """A brought environment, read with get_managed_environment and never modified: the profiles the job and app
+    use must already be in it."""
+    from pulumi_azure_native import app
+
+    env_id = s.environment.existing_id
+    parts = env_id.strip("/").split("/")
+    env = app.get_managed_environment_output(resource_group_name=parts[3], environment_name=parts[-1])
+    wanted = {gpu.profile_name(s.training.gpu_profile): s.training.gpu_profile,
+              gpu.profile_name(s.inference.gpu_profile): s.inference.gpu_profile}
+
+    def check(profiles) -> list:
+        have = {p.name: p.workload_profile_type for p in profiles or []}
+        bad = {n: t for n, t in wanted.items() if have.get(n) != t}
+        if bad:
+            raise pulumi.RunError(
+                f"{stack_file_label(stack)}: lorastack:environment.existingId {env_id}: it has no workload profile "
+                + ", ".join(f"{n!r} of type {t}" for n, t in bad.items())
+                + f" (it has {', '.join(f'{n}={t}' for n, t in have.items()) or 'none'}); a brought environment "
+                "is not modified: add the profile to it, or use one of its profiles")
+        return [{"name": n, "type": t} for n, t in have.items()]
+
+    server, reg_id, reg_name = _registry(s, stack, rg_name, tags)
+    return Platform(parts[3], env.location, env.id, env.name, None, s.key_vault.existing_id, server, reg_id,
+                    reg_name, env.workload_profiles.apply(check))
+
+
 def _own_platform(s: StackSettings, stack: str, names: dict, rg_name, tags: dict) -> Platform:
     from provisioning.environment import GpuEnvironment, GpuEnvironmentArgs
+
+    if s.environment.existing_id:
+        return _existing_platform(s, stack, rg_name, tags)
 
     subnet_id = None
     if s.network is not None:
@@ -80,20 +125,9 @@ def _own_platform(s: StackSettings, stack: str, names: dict, rg_name, tags: dict
         environment_name=names["environment"], workload_profiles=profiles,
         log_retention_days=s.logs.retention_days, log_daily_quota_gb=s.logs.daily_quota_gb,
         infrastructure_subnet_id=subnet_id, internal=bool(s.network and s.network.internal),
-        protect=s.protect, tags=tags,
+        protect=s.protect, tags=tags, existing_workspace_id=s.logs.existing_workspace_id,
     ))
-    reg = s.images.registry
-    server = reg_id = reg_name = None
-    if reg is not None and reg.create:
-        from provisioning.registry import ImageRegistry, ImageRegistryArgs
-
-        acr = ImageRegistry("registry", ImageRegistryArgs(
-            resource_group_name=rg_name, location=s.location,
-            registry_name=reg.name or naming.registry_name(PROJECT, stack), sku=reg.sku, protect=s.protect, tags=tags,
-        ))
-        server, reg_id, reg_name = acr.login_server, acr.registry_id, acr.registry_name
-    elif reg is not None:
-        server, reg_id, reg_name = reg.server, reg.resource_id, reg.resource_id.rsplit("/", 1)[-1]
+    server, reg_id, reg_name = _registry(s, stack, rg_name, tags)
     return Platform(rg_name, s.location, env.environment_id, env.environment_name, subnet_id, s.key_vault.existing_id,
                     server, reg_id, reg_name, [{"name": p.name, "type": p.type} for p in profiles])
 
@@ -164,9 +198,9 @@ def build(s: StackSettings, stack: str, guardrails: Guardrails | None = None) ->
     plat = _team_platform(s, g) if team else _own_platform(s, stack, names, rg_name, tags)
 
     store = AdapterStore("store", AdapterStoreArgs(
-        resource_group_name=rg_name, location=s.location,
+        resource_group_name=s.store.resource_group if s.store.existing else rg_name, location=s.location,
         account_name=s.store.account_name or naming.storage_account_name(PROJECT, stack),
-        share_name=names["share"], tier=s.store.tier, quota_gib=s.store.quota_gib,
+        share_name=s.store.share_name or names["share"], existing=s.store.existing, tier=s.store.tier, quota_gib=s.store.quota_gib,
         soft_delete_days=s.store.soft_delete_days, key_generation=s.store.key_generation,
         environment_name=plat.environment_name, environment_resource_group_name=plat.resource_group_name,
         subnet_id=plat.subnet_id, client_cidrs=[(r.name, r.cidr) for r in (s.network.client_cidrs if s.network else [])],

@@ -149,6 +149,10 @@ class StoreSettings(_Model):
     key_generation: int = Field(default=1, ge=1, le=999)
     account_name: str | None = None
     soft_delete_days: int = Field(default=7, ge=1, le=365)
+    # Bring your own account and share (read with get functions; only the environment storage links are added).
+    existing: bool = False
+    resource_group: str | None = Field(default=None, pattern=r"^[-\w.()]{1,90}$")
+    share_name: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
 
     @field_validator("account_name")
     @classmethod
@@ -187,6 +191,17 @@ class LogSettings(_Model):
 
     retention_days: int = Field(default=30, ge=30, le=730)
     daily_quota_gb: float | None = Field(default=None, gt=0)
+    # Bring your own workspace (read with get_workspace; the environment's diagnostic setting ships to it).
+    existing_workspace_id: str | None = Field(default=None, pattern=(
+        r"^/subscriptions/[^/]+/resourceGroups/[^/]+/providers/Microsoft\.OperationalInsights/workspaces/[^/]+$"))
+
+
+class EnvironmentSettings(_Model):
+    """Bring your own ACA environment (read with get_managed_environment, never modified): its workload profiles
+    must already include the ones the job and app use."""
+
+    existing_id: str | None = Field(default=None, pattern=(
+        r"^/subscriptions/[^/]+/resourceGroups/[^/]+/providers/Microsoft\.App/managedEnvironments/[^/]+$"))
 
 
 class KeyVaultSettings(_Model):
@@ -227,6 +242,7 @@ class StackSettings(_Model):
     extra_gpu_profiles: list[str] = Field(default_factory=list)
     resource_group: ResourceGroupSettings = ResourceGroupSettings()
     network: NetworkSettings | None = None
+    environment: EnvironmentSettings = EnvironmentSettings()
     logs: LogSettings = LogSettings()
     store: StoreSettings = StoreSettings()
     images: ImageSettings
@@ -429,8 +445,15 @@ def _deploy_time_checks(s: StackSettings) -> list[Problem]:
         elif not reg.create and not (reg.server and reg.resource_id):
             problems.append(Problem("images.registry", "missing server/resourceId; allowed: bring a registry by "
                                     "server + resourceId, or set create: true"))
+    if s.store.existing and not (s.store.account_name and s.store.resource_group):
+        problems.append(Problem("store.existing", "true needs store.accountName and store.resourceGroup (the "
+                                "account to read); allowed: name the account, or set existing: false"))
+    if s.environment.existing_id and (s.network or s.extra_gpu_profiles or s.logs.existing_workspace_id):
+        problems.append(Problem("environment.existingId", "a brought environment keeps its own network, profiles and "
+                                "logs; allowed: remove network, extraGpuProfiles and logs.existingWorkspaceId"))
     if s.tier == "team":
         for key, value in (("network", s.network), ("images.registry", s.images.registry),
+                           ("environment.existingId", s.environment.existing_id),
                            ("keyVault.existingId", s.key_vault.existing_id), ("extraGpuProfiles", s.extra_gpu_profiles)):
             if value:
                 problems.append(Problem(key, (

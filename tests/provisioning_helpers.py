@@ -56,20 +56,20 @@ class Offline:
     """Renders the real program offline."""
 
     def render(self, raw: dict[str, Any], stack: str | None = None, secret_keys: list[str] | None = None,
-               subnets: dict | None = None) -> Rendering:
+               subnets: dict | None = None, existing: dict | None = None) -> Rendering:
         """Render ``raw`` as stack ``stack`` (default: the stack the guardrails give ``raw``'s tier: dev, staging or
         prod; ``unit`` for tier team, which joins the repo's platform stack)."""
         keys = SECRETS if secret_keys is None else secret_keys
         if stack is None:
             stack = raw.get("tier") if raw.get("tier") in ("dev", "staging", "prod") else "unit"
-        cache_key = json.dumps([raw, stack, sorted(keys), subnets], sort_keys=True)
+        cache_key = json.dumps([raw, stack, sorted(keys), subnets, existing], sort_keys=True)
         if cache_key not in _CACHE:
             from provisioning.offline import render_config
 
             config = {f"{PROJECT}:{k}": (v if isinstance(v, str) else json.dumps(v)) for k, v in raw.items()}
             outputs = {PLATFORM_REF: self.render_stack("platform").outputs} if raw.get("tier") == "team" else None
             _CACHE[cache_key] = render_config(PROJECT, stack, config, [f"{PROJECT}:{k}" for k in keys if k in raw],
-                                              stack_outputs=outputs, subnets=subnets)
+                                              stack_outputs=outputs, subnets=subnets, existing=existing)
         return _CACHE[cache_key]
 
     def render_stack(self, stack: str) -> Rendering:

@@ -322,3 +322,47 @@ def test_protect_follows_settings(offline):
     protected = {x.type.split(":")[-1] for x in r.resources if x.protect}
     assert protected == {"ResourceGroup", "ManagedEnvironment", "StorageAccount", "FileShare", "Vault"}
     assert not any(x.protect for x in offline.render(settings_with()).resources)
+
+
+# --- reuse what exists (read with get functions, never modified) ----------------------------------------------
+ENV_ID = ("/subscriptions/s/resourceGroups/rg-shared/providers/Microsoft.App/managedEnvironments/cae-shared")
+LAW_ID = ("/subscriptions/s/resourceGroups/rg-shared/providers/Microsoft.OperationalInsights/workspaces/law-shared")
+
+
+def test_bring_your_own_environment_is_read_not_created(offline):
+    r = offline.render(settings_with(environment={"existingId": ENV_ID}))
+    assert not r.by_type("ManagedEnvironment") and not r.by_type("Workspace") and not r.by_type("DiagnosticSetting")
+    call = next(c for c in r.mocks.calls if c.token == "azure-native:app:getManagedEnvironment")
+    assert call.args == {"resourceGroupName": "rg-shared", "environmentName": "cae-shared"}
+    env_id = ("/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/rg-shared/providers/"
+              "Microsoft.App/managedEnvironments/cae-shared")
+    assert r.one("Job").get("environmentId") == r.one("ContainerApp").get("environmentId") == env_id
+    assert {x.get("resourceGroupName") for x in r.by_type("ManagedEnvironmentsStorage")} == {"rg-shared"}
+
+
+def test_bring_your_own_environment_without_the_profile_is_refused(offline):
+    import pulumi
+
+    only_a100 = {"azure-native:app:getManagedEnvironment": {"workloadProfiles": [
+        {"name": "Consumption", "workloadProfileType": "Consumption"},
+        {"name": "gpu-a100", "workloadProfileType": "Consumption-GPU-NC24-A100"}]}}
+    with pytest.raises(pulumi.RunError, match="it has no workload profile 'gpu-t4' of type Consumption-GPU-NC8as-T4"):
+        offline.render(settings_with(environment={"existingId": ENV_ID}), existing=only_a100)
+
+
+def test_bring_your_own_storage_account_and_share_adds_only_the_links(offline):
+    r = offline.render(settings_with(store={"existing": True, "accountName": "corpmodels", "resourceGroup": "rg-data",
+                                            "shareName": "lorastack"}))
+    assert not r.by_type("StorageAccount") and not r.by_type("FileShare") and not r.by_type("FileServiceProperties")
+    links = r.by_type("ManagedEnvironmentsStorage")
+    assert {x.get("properties.azureFile.shareName") for x in links} == {"lorastack"}
+    assert {x.get("properties.azureFile.accountName") for x in links} == {"corpmodels"}
+    keys = [c for c in r.mocks.calls if c.token == "azure-native:storage:listStorageAccountKeys"]
+    assert keys and keys[0].args["resourceGroupName"] == "rg-data"
+    assert r.outputs["storageAccountName"] == "corpmodels" and r.outputs["fileShareName"] == "lorastack"
+
+
+def test_bring_your_own_log_analytics_workspace(offline):
+    r = offline.render(settings_with(logs={"existingWorkspaceId": LAW_ID}))
+    assert not r.by_type("Workspace")
+    assert r.one("DiagnosticSetting").get("workspaceId").endswith("/workspaces/law-shared")
