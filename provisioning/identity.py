@@ -84,9 +84,12 @@ class WorkloadIdentity(pulumi.ComponentResource):
         if args.existing_vault_id:
             existing = pulumi.Output.from_input(args.existing_vault_id)
             vault_id: pulumi.Input[str] = existing
-            vault_name_out = existing.apply(lambda i: parse_vault_id(i)[1])
-            vault_uri = vault_name_out.apply(lambda n: f"https://{n}.vault.azure.net/")
             secrets_rg: pulumi.Input[str] = existing.apply(lambda i: parse_vault_id(i)[0])
+            # read with get_vault (never modified): the real vault URI, and a clear error if the vault is missing
+            found = keyvault.get_vault_output(resource_group_name=secrets_rg,
+                                              vault_name=existing.apply(lambda i: parse_vault_id(i)[1]))
+            vault_name_out = found.name
+            vault_uri = found.properties.vault_uri
         else:
             vault = keyvault.Vault(
                 f"{name}-vault",

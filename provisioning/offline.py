@@ -137,6 +137,10 @@ EXISTING = {
     "azure-native:storage:getFileShare": lambda a, o: {
         "id": f"{_rg_id(a)}/Microsoft.Storage/storageAccounts/{a.get('accountName')}/fileServices/default/shares/"
               f"{a.get('shareName')}", "name": a.get("shareName"), "enabledProtocols": "SMB"},
+    "azure-native:keyvault:getVault": lambda a, o: {
+        "id": f"{_rg_id(a)}/Microsoft.KeyVault/vaults/{a.get('vaultName')}", "name": a.get("vaultName"),
+        "location": "westus3", "properties": {"tenantId": FAKE_TENANT, "sku": {"family": "A", "name": "standard"},
+                                              "vaultUri": f"https://{a.get('vaultName')}.vault.azure.net/"}},
     "azure-native:operationalinsights:getWorkspace": lambda a, o: {
         "id": f"{_rg_id(a)}/Microsoft.OperationalInsights/workspaces/{a.get('workspaceName')}",
         "name": a.get("workspaceName"), "customerId": "existing-customer-id", "location": "westus3"},

@@ -185,6 +185,8 @@ def test_bring_your_own_key_vault(offline):
     secrets = {s["name"]: s["keyVaultUrl"] for s in r.one("ContainerApp").get("configuration.secrets")}
     assert secrets["hf-token"] == "https://kv-platform.vault.azure.net/secrets/t-hf"
     assert r.outputs["keyVaultName"] == "kv-platform"
+    read = next(c for c in r.mocks.calls if c.token == "azure-native:keyvault:getVault")  # read, never modified
+    assert read.args == {"resourceGroupName": "rg-platform", "vaultName": "kv-platform"}
 
 
 # --- training job --------------------------------------------------------------------------------------------

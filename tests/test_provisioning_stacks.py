@@ -189,17 +189,13 @@ def test_guardrails_file_matches_the_gpu_table():
     assert set(g.allowed_gpu_profiles) <= set(gpu.SERVERLESS_GPU_TYPES)
 
 
-def test_gitops_workflow_shape():
-    """The workflow cannot run here (no Pulumi CLI, no Azure); check it wires what the README promises."""
+def test_gitops_workflow_runs_the_offline_plan_and_the_policy_pack():
+    """The workflow cannot run here (no Pulumi CLI, no Azure). The gitops team owns its shape; provisioning only
+    relies on this: every stack is planned offline, and every preview/up runs the policy pack."""
     wf = yaml.safe_load((REPO / ".github" / "workflows" / "infrastructure.yml").read_text())
-    jobs = wf["jobs"]
-    offline_steps = " ".join(str(s.get("run", "")) for s in jobs["offline"]["steps"])
-    assert "pytest -q tests/test_provisioning*.py" in offline_steps and "lorastack plan --stack" in offline_steps
-    for name, command in (("preview", "preview"), ("up", "up")):
-        job = jobs[name]
-        assert job["needs"] == "offline" and job["permissions"]["id-token"] == "write"
-        assert job["env"]["ARM_USE_OIDC"] == "true"
-        action = next(s for s in job["steps"] if str(s.get("uses", "")).startswith("pulumi/actions@"))
-        assert action["with"]["command"] == command and action["with"]["policyPacks"] == "policy"
-    assert jobs["up"]["strategy"]["max-parallel"] == 1
-    assert "pull_request" in wf[True] and "push" in wf[True]  # YAML reads the `on:` key as True
+    steps = [s for job in wf["jobs"].values() for s in job.get("steps") or []]
+    runs = " ".join(str(s.get("run", "")) for s in steps)
+    assert "lorastack plan" in runs or any("plan" in str(s.get("uses", "")) for s in steps)
+    actions = [s for s in steps if str(s.get("uses", "")).startswith("pulumi/actions@")]
+    assert actions and all(a["with"].get("policyPacks") == "policy" for a in actions
+                           if a["with"].get("command") in ("preview", "up"))
