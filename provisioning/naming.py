@@ -104,6 +104,7 @@ def resource_names(project: str, stack: str) -> dict[str, str]:
         "app": f"{project}-{stack}-serve"[:32].rstrip("-"),
         "share": "store",
         "vnet": f"vnet-{project}-{stack}",
+        "amlWorkspace": f"mlw-{project}-{stack}",
     }
     for key in ("environment", "job", "app"):
         check_aca_name(names[key])

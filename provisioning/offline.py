@@ -76,6 +76,7 @@ NAME_KEYS = {
     "ContainerAppsAuthConfig": "authConfigName", "Workspace": "workspaceName", "Vault": "vaultName",
     "Secret": "secretName", "UserAssignedIdentity": "resourceName", "VirtualNetwork": "virtualNetworkName",
     "Subnet": "subnetName", "RoleAssignment": "roleAssignmentName", "Registry": "registryName",
+    "Compute": "computeName", "Datastore": "name",
 }
 
 
@@ -176,6 +177,11 @@ class RecordingMocks(pulumi.runtime.Mocks):
         physical = plain.get(NAME_KEYS.get(short, "name"))
         state.setdefault("name", physical if isinstance(physical, str) else name)
         rid = arm_id(short, state["name"], plain)
+        if typ.startswith("azure-native:machinelearningservices:"):
+            ws = plain.get("workspaceName", state["name"])
+            rid = (f"/subscriptions/{FAKE_SUBSCRIPTION}/resourceGroups/{plain.get('resourceGroupName')}/providers/"
+                   f"Microsoft.MachineLearningServices/workspaces/{ws}"
+                   + ("" if short == "Workspace" else f"/{short.lower()}s/{state['name']}"))
         identity = plain.get("identity")
         if isinstance(identity, dict) and isinstance(identity.get("userAssignedIdentities"), list):
             # input is a list of IDs, output a map id -> {principalId, clientId}

@@ -34,6 +34,10 @@ OUTPUTS: dict[str, tuple[str, str] | None] = {
     "acrLoginServer": None,
     "acrName": None,
     "acrId": None,
+    # Azure ML (stack setting azureml; empty when absent): where the scale team submits jobs
+    "amlWorkspaceName": None,
+    "amlComputeName": None,
+    "amlDatastoreName": None,
 }
 # the inference config repeats the shared keys
 _SHARED = ("SUBSCRIPTION_ID", "RESOURCE_GROUP_NAME", "STORAGE_ACCOUNT_NAME", "FILE_SHARE_NAME")

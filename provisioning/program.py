@@ -246,6 +246,22 @@ def build(s: StackSettings, stack: str, guardrails: Guardrails | None = None) ->
         depends_on=identity.grants, base_model=i.base_model, base_revision=i.base_revision, tags=tags,
     ))
 
+    aml = None
+    if s.azureml is not None:
+        from provisioning.azureml import AzureML, AzureMLArgs
+
+        a = s.azureml
+        aml = AzureML("azureml", AzureMLArgs(
+            resource_group_name=rg_name, location=s.location, workspace_name=names["amlWorkspace"],
+            workspace_storage_account=naming.storage_account_name(PROJECT, f"{stack}-ml"),
+            key_vault_id=identity.vault_id, identity_id=identity.identity_id, compute_name=a.compute_name,
+            vm_size=a.vm_size, min_nodes=a.min_nodes, max_nodes=a.max_nodes, low_priority=a.low_priority,
+            idle_seconds=a.idle_seconds, store_account_name=store.account_name,
+            store_resource_group_name=s.store.resource_group if s.store.existing else rg_name,
+            store_share_name=store.share_name, store_key_index=naming.storage_key_index(s.store.key_generation),
+            protect=s.protect, tags=tags,
+        ))
+
     return {
         "subscriptionId": client.subscription_id,
         "resourceGroupName": rg_name,
@@ -269,6 +285,9 @@ def build(s: StackSettings, stack: str, guardrails: Guardrails | None = None) ->
         "acrLoginServer": plat.registry_server or "",
         "acrName": plat.registry_name or "",
         "acrId": plat.registry_id or "",
+        "amlWorkspaceName": aml.workspace_name if aml else "",
+        "amlComputeName": aml.compute_name if aml else "",
+        "amlDatastoreName": aml.datastore_name if aml else "",
     }
 
 

@@ -224,6 +224,17 @@ class KeyVaultSettings(_Model):
         return v
 
 
+class AzureMLSettings(_Model):
+    """Azure ML resources for runs that outgrow one ACA replica: workspace, GPU cluster, the store as a datastore."""
+
+    compute_name: str = Field(default="gpu-cluster", pattern=r"^[a-zA-Z][a-zA-Z0-9-]{1,22}$")
+    vm_size: str = Field(default="Standard_NC24ads_A100_v4", pattern=r"^Standard_[A-Za-z0-9_]+$")
+    min_nodes: int = Field(default=0, ge=0, le=100)
+    max_nodes: int = Field(default=1, ge=1, le=100)
+    low_priority: bool = False
+    idle_seconds: int = Field(default=1800, ge=60, le=86400)
+
+
 class ResourceGroupSettings(_Model):
     """The resource group: created as rg-lorastack-<stack> unless an existing one is named."""
 
@@ -249,6 +260,7 @@ class StackSettings(_Model):
     training: TrainingSettings
     inference: InferenceSettings
     key_vault: KeyVaultSettings = KeyVaultSettings()
+    azureml: AzureMLSettings | None = None
     tags: dict[str, str] = Field(default_factory=dict)
     hf_token: SecretStr | None = None
     inference_api_keys: SecretStr | None = None
@@ -445,6 +457,8 @@ def _deploy_time_checks(s: StackSettings) -> list[Problem]:
         elif not reg.create and not (reg.server and reg.resource_id):
             problems.append(Problem("images.registry", "missing server/resourceId; allowed: bring a registry by "
                                     "server + resourceId, or set create: true"))
+    if s.azureml is not None and s.azureml.min_nodes > s.azureml.max_nodes:
+        problems.append(Problem("azureml.minNodes", f"{s.azureml.min_nodes!r} is above maxNodes {s.azureml.max_nodes}"))
     if s.store.existing and not (s.store.account_name and s.store.resource_group):
         problems.append(Problem("store.existing", "true needs store.accountName and store.resourceGroup (the "
                                 "account to read); allowed: name the account, or set existing: false"))
@@ -453,7 +467,7 @@ def _deploy_time_checks(s: StackSettings) -> list[Problem]:
                                 "logs; allowed: remove network, extraGpuProfiles and logs.existingWorkspaceId"))
     if s.tier == "team":
         for key, value in (("network", s.network), ("images.registry", s.images.registry),
-                           ("environment.existingId", s.environment.existing_id),
+                           ("environment.existingId", s.environment.existing_id), ("azureml", s.azureml),
                            ("keyVault.existingId", s.key_vault.existing_id), ("extraGpuProfiles", s.extra_gpu_profiles)):
             if value:
                 problems.append(Problem(key, (

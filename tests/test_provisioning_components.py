@@ -368,3 +368,34 @@ def test_bring_your_own_log_analytics_workspace(offline):
     r = offline.render(settings_with(logs={"existingWorkspaceId": LAW_ID}))
     assert not r.by_type("Workspace")
     assert r.one("DiagnosticSetting").get("workspaceId").endswith("/workspaces/law-shared")
+
+
+# --- Azure ML (issue 12) -------------------------------------------------------------------------------------
+def test_azureml_workspace_low_priority_cluster_and_store_datastore(offline):
+    r = offline.render(settings_with(azureml={"lowPriority": True, "maxNodes": 2}))
+    ws = next(x for x in r.resources if x.type == "azure-native:machinelearningservices:Workspace")
+    assert ws.get("workspaceName") == "mlw-lorastack-dev" and ws.get("keyVault").endswith("/vaults/" + r.outputs[
+        "keyVaultName"])
+    assert ws.get("primaryUserAssignedIdentity") == UAI_ID
+    compute = next(x for x in r.resources if x.type == "azure-native:machinelearningservices:Compute")
+    props = compute.get("properties.properties")
+    assert props["vmPriority"] == "LowPriority" and props["vmSize"] == "Standard_NC24ads_A100_v4"
+    assert props["scaleSettings"] == {"minNodeCount": 0, "maxNodeCount": 2, "nodeIdleTimeBeforeScaleDown": "PT1800S"}
+    assert compute.get("identity") == {"type": "UserAssigned", "userAssignedIdentities": [UAI_ID]}
+    ds = next(x for x in r.resources if x.type == "azure-native:machinelearningservices:Datastore")
+    assert ds.get("properties.fileShareName") == "store" and ds.get("properties.accountName") == r.outputs[
+        "storageAccountName"]
+    assert ds.get("properties.credentials.secrets.key") == "mock-key-1==" and "properties" in ds.secret_paths
+    assert (r.outputs["amlWorkspaceName"], r.outputs["amlComputeName"], r.outputs["amlDatastoreName"]) == (
+        "mlw-lorastack-dev", "gpu-cluster", "lorastack_store")
+    assert not r.secret_outputs
+    plain = offline.render(settings_with())
+    assert not [x for x in plain.resources if "machinelearningservices" in x.type]
+    from provisioning import policies
+    from provisioning.guardrails import Guardrails
+    from provisioning.plan import to_policy_resources
+
+    prod = offline.render(settings_with(tier="prod", protect=True, logs={"retentionDays": 90},
+                                        store={"softDeleteDays": 14}, azureml={}))
+    assert not any(policies.evaluate(to_policy_resources(prod.resources), Guardrails()).values())
+    assert plain.outputs["amlWorkspaceName"] == ""
