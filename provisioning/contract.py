@@ -19,6 +19,8 @@ STORE_VOLUME = "store"
 # The HF cache lives on the share: a replica's ephemeral disk is only 8 GiB, which a base model does not fit.
 HF_HOME = f"{STORE_MOUNT_PATH}/models"
 HF_HUB_CACHE = f"{STORE_MOUNT_PATH}/models"  # models--org--name/ directly under models/ (store.models_dir)
+# datasets' Arrow cache: on the share too, set explicitly (the image's HF_HOME may point at local disk)
+HF_DATASETS_CACHE = f"{STORE_MOUNT_PATH}/models/datasets"
 ENV_STORE = "LORASTACK_STORE"
 ENV_RUN_ID = "LORASTACK_RUN_ID"
 INFERENCE_PORT = 8000
@@ -30,6 +32,10 @@ SECRET_HF_TOKEN = "hf-token"
 SECRET_API_KEYS = "api-keys"
 ENV_HF_TOKEN = "HF_TOKEN"
 ENV_API_KEYS = "LORASTACK_API_KEYS"
+# The base model the inference app serves (default of `serve --base-model/--base-revision`), from the stack settings
+# inference.baseModel / inference.baseRevision, so the app starts with an empty store.
+ENV_BASE_MODEL = "LORASTACK_BASE_MODEL"
+ENV_BASE_REVISION = "LORASTACK_BASE_REVISION"
 
 def inference_command(easy_auth: bool = False) -> tuple[list[str], list[str]]:
     """(command, args) of the inference container; with Easy Auth in front, the UI trusts its sign-in headers."""
@@ -38,8 +44,9 @@ def inference_command(easy_auth: bool = False) -> tuple[list[str], list[str]]:
 
 
 def store_mount_options(storage_type: str) -> str | None:
-    """SMB mount options so the images' non-root user owns the share's files (an SMB mount is root-owned by
-    default, and the trainer could not write checkpoints). NFS shares keep their own permissions."""
+    """SMB mount options: the images' non-root user owns the share's files (an SMB mount is root-owned by default,
+    and the trainer could not write checkpoints); ``nobrl`` so byte-range lock users (the HF cache's file locks,
+    SQLite) do not stall on the share [rule smb-nobrl]."""
     if storage_type != "AzureFile":
         return None
-    return f"uid={IMAGE_UID},gid={IMAGE_UID},mfsymlinks"
+    return f"uid={IMAGE_UID},gid={IMAGE_UID},mfsymlinks,nobrl"

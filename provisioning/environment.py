@@ -25,6 +25,7 @@ class GpuEnvironmentArgs:
     internal: bool
     protect: bool
     tags: dict[str, str]
+    existing_workspace_id: str | None = None  # bring your own Log Analytics workspace (read, never modified)
 
 
 class GpuEnvironment(pulumi.ComponentResource):
@@ -42,20 +43,24 @@ class GpuEnvironment(pulumi.ComponentResource):
     def __init__(self, name: str, args: GpuEnvironmentArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("lorastack:provisioning:GpuEnvironment", name, {}, opts)
         child = pulumi.ResourceOptions(parent=self)
-        workspace = operationalinsights.Workspace(
-            f"{name}-logs",
-            resource_group_name=args.resource_group_name,
-            workspace_name=args.workspace_name,
-            location=args.location,
-            sku=operationalinsights.WorkspaceSkuArgs(name="PerGB2018"),
-            retention_in_days=args.log_retention_days,
-            workspace_capping=(
-                operationalinsights.WorkspaceCappingArgs(daily_quota_gb=args.log_daily_quota_gb)
-                if args.log_daily_quota_gb else None
-            ),
-            tags=args.tags,
-            opts=child,
-        )
+        if args.existing_workspace_id:
+            parts = args.existing_workspace_id.strip("/").split("/")
+            workspace = operationalinsights.get_workspace_output(resource_group_name=parts[3], workspace_name=parts[-1])
+        else:
+            workspace = operationalinsights.Workspace(
+                f"{name}-logs",
+                resource_group_name=args.resource_group_name,
+                workspace_name=args.workspace_name,
+                location=args.location,
+                sku=operationalinsights.WorkspaceSkuArgs(name="PerGB2018"),
+                retention_in_days=args.log_retention_days,
+                workspace_capping=(
+                    operationalinsights.WorkspaceCappingArgs(daily_quota_gb=args.log_daily_quota_gb)
+                    if args.log_daily_quota_gb else None
+                ),
+                tags=args.tags,
+                opts=child,
+            )
         env = app.ManagedEnvironment(
             f"{name}-env",
             resource_group_name=args.resource_group_name,

@@ -7,10 +7,13 @@ a system-assigned identity does not exist until the app does, so it cannot be gr
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import pulumi
 from pulumi_azure_native import authorization, keyvault, managedidentity
+
+from provisioning import rules
 
 KEY_VAULT_SECRETS_USER = "4633458b-17de-408a-b874-0445c86b69e6"
 ACR_PULL = "7f951dda-4ed3-4680-a7ca-43fe172d538d"
@@ -20,6 +23,18 @@ def parse_vault_id(vault_id: str) -> tuple[str, str]:
     """(resource group, vault name) of a Key Vault resource ID."""
     parts = vault_id.strip("/").split("/")
     return parts[3], parts[-1]
+
+
+def secret_scope(vault_id: str, secret_name: str) -> str:
+    """The ARM scope of one Key Vault secret: a role there reads that secret only [rule kv-least-privilege]."""
+    return f"{vault_id.rstrip('/')}/secrets/{secret_name}"
+
+
+def wait_for_propagation(args: pulumi.ResourceHookArgs, sleep=time.sleep) -> None:
+    """After-create hook of every role assignment: Key Vault references and image pulls are resolved when the job's
+    and app's revisions are created, which a fresh grant may not have reached yet [rule rbac-propagation].
+    Runs only when the assignment is created (not on updates or previews)."""
+    sleep(rules.RBAC_PROPAGATION_SECONDS)
 
 
 @dataclass
@@ -32,14 +47,14 @@ class WorkloadIdentityArgs:
     subscription_id: pulumi.Input[str]
     tenant_id: pulumi.Input[str]
     vault_name: str | None  # create this vault ...
-    existing_vault_id: str | None  # ... or use this one
+    existing_vault_id: pulumi.Input[str] | None  # ... or use this one (a string, or the platform stack's output)
     purge_protection: bool
     soft_delete_days: int
     hf_token: pulumi.Input[str] | None  # secret Outputs; None: the secret already exists in the vault
     api_keys: pulumi.Input[str] | None
     hf_token_secret_name: str
     api_keys_secret_name: str
-    registry_id: str | None
+    registry_id: pulumi.Input[str] | None
     protect: bool
     tags: dict[str, str]
 
@@ -67,11 +82,14 @@ class WorkloadIdentity(pulumi.ComponentResource):
             opts=child,
         )
         if args.existing_vault_id:
-            vault_rg, vault_name = parse_vault_id(args.existing_vault_id)
-            vault_id: pulumi.Input[str] = args.existing_vault_id
-            vault_name_out = pulumi.Output.from_input(vault_name)
-            vault_uri = pulumi.Output.from_input(f"https://{vault_name}.vault.azure.net/")
-            secrets_rg: pulumi.Input[str] = vault_rg
+            existing = pulumi.Output.from_input(args.existing_vault_id)
+            vault_id: pulumi.Input[str] = existing
+            secrets_rg: pulumi.Input[str] = existing.apply(lambda i: parse_vault_id(i)[0])
+            # read with get_vault (never modified): the real vault URI, and a clear error if the vault is missing
+            found = keyvault.get_vault_output(resource_group_name=secrets_rg,
+                                              vault_name=existing.apply(lambda i: parse_vault_id(i)[1]))
+            vault_name_out = found.name
+            vault_uri = found.properties.vault_uri
         else:
             vault = keyvault.Vault(
                 f"{name}-vault",
@@ -115,29 +133,35 @@ class WorkloadIdentity(pulumi.ComponentResource):
                 "/subscriptions/", args.subscription_id, "/providers/Microsoft.Authorization/roleDefinitions/", role_guid
             )
 
+        # Created grants wait for RBAC propagation before anything that resolves them is created.
+        hook = pulumi.ResourceHook(f"{name}-wait-for-rbac-propagation", wait_for_propagation)
+        grant_opts = pulumi.ResourceOptions(parent=self, hooks=pulumi.ResourceHookBinding(after_create=[hook]))
+        # One grant per secret, scoped to that secret: a role on the vault would read every team's secrets.
         self.grants = [
             authorization.RoleAssignment(
-                f"{name}-kv-secrets-user",
-                scope=vault_id,
+                f"{name}-kv-{key}",
+                scope=pulumi.Output.all(vault_id, secret_name).apply(lambda v: secret_scope(v[0], v[1])),
                 principal_id=uai.principal_id,
                 principal_type="ServicePrincipal",
                 role_definition_id=role(KEY_VAULT_SECRETS_USER),
-                opts=child,
+                opts=grant_opts,
             )
+            for key, secret_name in (("hf-token", args.hf_token_secret_name), ("api-keys", args.api_keys_secret_name))
         ]
-        if args.registry_id:
+        if args.registry_id is not None:
             self.grants.append(authorization.RoleAssignment(
                 f"{name}-acr-pull",
                 scope=args.registry_id,
                 principal_id=uai.principal_id,
                 principal_type="ServicePrincipal",
                 role_definition_id=role(ACR_PULL),
-                opts=child,
+                opts=grant_opts,
             ))
         self.identity_id = uai.id
         self.client_id = uai.client_id
         self.vault_name = vault_name_out
         self.vault_uri = vault_uri
+        self.vault_id = pulumi.Output.from_input(vault_id)
         self.register_outputs({
             "identity_id": self.identity_id,
             "client_id": self.client_id,

@@ -33,7 +33,7 @@ class InferenceAppArgs:
     cpu: float
     memory: str
     image: str
-    registry_server: str | None
+    registry_server: pulumi.Input[str] | None
     storage_name: pulumi.Input[str]  # the read-only environment storage link
     storage_type: str
     identity_id: pulumi.Input[str]
@@ -47,6 +47,8 @@ class InferenceAppArgs:
     ip_allow_list: list[tuple[str, str]]  # (name, cidr)
     entra_auth: EntraAuth | None
     depends_on: list[pulumi.Resource]
+    base_model: str | None = None
+    base_revision: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
 
 
@@ -91,6 +93,9 @@ class InferenceApp(pulumi.ComponentResource):
                     target_port=contract.INFERENCE_PORT,
                     allow_insecure=False,
                     transport="auto",
+                    # Gradio keeps a session in one replica ("Session not found" elsewhere) [rule sticky-sessions]
+                    sticky_sessions=(app.IngressStickySessionsArgs(affinity="sticky")
+                                     if args.max_replicas > 1 else None),
                     ip_security_restrictions=[
                         app.IpSecurityRestrictionRuleArgs(name=n, ip_address_range=cidr, action="Allow")
                         for n, cidr in args.ip_allow_list
@@ -122,6 +127,10 @@ class InferenceApp(pulumi.ComponentResource):
                         app.EnvironmentVarArgs(name="HF_HUB_CACHE", value=contract.HF_HUB_CACHE),
                         app.EnvironmentVarArgs(name="HF_HUB_OFFLINE", value="1"),
                         app.EnvironmentVarArgs(name=contract.ENV_STORE, value=contract.STORE_MOUNT_PATH),
+                        *([app.EnvironmentVarArgs(name=contract.ENV_BASE_MODEL, value=args.base_model)]
+                          if args.base_model else []),
+                        *([app.EnvironmentVarArgs(name=contract.ENV_BASE_REVISION, value=args.base_revision)]
+                          if args.base_revision else []),
                     ],
                     probes=probes,
                     volume_mounts=[app.VolumeMountArgs(
@@ -154,8 +163,11 @@ class InferenceApp(pulumi.ComponentResource):
                 container_app_name=container_app.name,
                 auth_config_name="current",
                 platform=app.AuthPlatformArgs(enabled=True),
+                # A browser is sent to sign in (Return401 would leave it on a blank 401); /v1/* is excluded and
+                # answers its own 401 with the API key check [rule easy-auth-browser].
                 global_validation=app.GlobalValidationArgs(
-                    unauthenticated_client_action="Return401", excluded_paths=a.excluded_paths
+                    unauthenticated_client_action="RedirectToLoginPage", redirect_to_provider="azureactivedirectory",
+                    excluded_paths=a.excluded_paths,
                 ),
                 identity_providers=app.IdentityProvidersArgs(
                     azure_active_directory=app.AzureActiveDirectoryArgs(

@@ -39,8 +39,12 @@ def check_storage_account_name(name: str) -> None:
 
 def key_vault_name(project: str, stack: str) -> str:
     """Default Key Vault name: 3-24 characters, letters/digits/hyphens, starting with a letter."""
-    core = re.sub(r"[^a-z0-9-]", "", f"kv-{stack}".lower()).rstrip("-")
-    return f"{core[:16]}-{_suffix(project, stack)}"
+    # Truncate first, then collapse and strip hyphens: stripping before truncating left `kv-data-science-`
+    # + `-4db4b7`, a double hyphen Azure refuses (rule kv-name).
+    core = re.sub(r"-{2,}", "-", re.sub(r"[^a-z0-9-]", "", f"kv-{stack}".lower()))[:16].rstrip("-")
+    name = f"{core}-{_suffix(project, stack)}"
+    check_key_vault_name(name)
+    return name
 
 
 def check_key_vault_name(name: str) -> None:
@@ -100,7 +104,21 @@ def resource_names(project: str, stack: str) -> dict[str, str]:
         "app": f"{project}-{stack}-serve"[:32].rstrip("-"),
         "share": "store",
         "vnet": f"vnet-{project}-{stack}",
+        "amlWorkspace": f"mlw-{project}-{stack}",
     }
     for key in ("environment", "job", "app"):
         check_aca_name(names[key])
     return names
+
+
+REGISTRY_RE = re.compile(r"^[a-zA-Z0-9]{5,50}$")
+
+
+def registry_name(project: str, stack: str) -> str:
+    """Default container registry name: 5-50 alphanumerics, unique per project and stack (login server
+    ``<name>.azurecr.io``)."""
+    core = re.sub(r"[^a-z0-9]", "", f"acr{project}{stack}".lower())
+    name = core[:44] + _suffix(project, stack)
+    if not REGISTRY_RE.match(name):
+        raise ValueError(f"{name!r} is not a valid container registry name")
+    return name

@@ -53,3 +53,40 @@ class EnvironmentNetwork(pulumi.ComponentResource):
         )
         self.subnet_id = subnet.id
         self.register_outputs({"subnet_id": self.subnet_id})
+
+
+class SubnetError(ValueError):
+    """A brought subnet that the environment or the store firewall cannot use."""
+
+
+def check_subnet(subnet: dict, subnet_id: str) -> str:
+    """Raise SubnetError unless ``subnet`` (a get_subnet result as a dict) is delegated to Microsoft.App/environments
+    and has the Microsoft.Storage service endpoint the store's VNet rule needs [rule subnet-storage-endpoint]."""
+    endpoints = {e.get("service") for e in subnet.get("service_endpoints") or []}
+    delegations = {d.get("service_name") for d in subnet.get("delegations") or []}
+    problems = []
+    if "Microsoft.Storage" not in endpoints:
+        problems.append("it has no Microsoft.Storage service endpoint, so the store's VNet rule would fail "
+                        "[rule subnet-storage-endpoint]; add it: az network vnet subnet update --service-endpoints "
+                        "Microsoft.Storage ...")
+    if "Microsoft.App/environments" not in delegations:
+        problems.append("it is not delegated to Microsoft.App/environments; add the delegation: az network vnet "
+                        "subnet update --delegations Microsoft.App/environments ...")
+    if problems:
+        raise SubnetError(f"lorastack:network.infrastructureSubnetId {subnet_id}: " + "; ".join(problems))
+    return subnet_id
+
+
+def brought_subnet(subnet_id: str) -> pulumi.Output[str]:
+    """Read a brought subnet with get_subnet (never modified) and check it before anything uses its ID."""
+    parts = subnet_id.strip("/").split("/")
+    found = network.get_subnet_output(resource_group_name=parts[3], virtual_network_name=parts[7],
+                                      subnet_name=parts[9])
+
+    def check(s) -> str:
+        return check_subnet({
+            "service_endpoints": [{"service": e.service} for e in (s.service_endpoints or [])],
+            "delegations": [{"service_name": d.service_name} for d in (s.delegations or [])],
+        }, subnet_id)
+
+    return found.apply(check)

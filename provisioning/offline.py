@@ -55,6 +55,8 @@ class RenderedResource:
     protect: bool = False
     dependencies: list[str] = field(default_factory=list)
     parent: str = ""
+    ignore_changes: list[str] = field(default_factory=list)
+    after_create_hooks: list[str] = field(default_factory=list)
 
     def get(self, dotted: str, default: Any = None) -> Any:
         """``r.get("configuration.ingress.external")``."""
@@ -73,28 +75,113 @@ NAME_KEYS = {
     "ManagedEnvironmentsStorage": "storageName", "Job": "jobName", "ContainerApp": "containerAppName",
     "ContainerAppsAuthConfig": "authConfigName", "Workspace": "workspaceName", "Vault": "vaultName",
     "Secret": "secretName", "UserAssignedIdentity": "resourceName", "VirtualNetwork": "virtualNetworkName",
-    "Subnet": "subnetName", "RoleAssignment": "roleAssignmentName",
+    "Subnet": "subnetName", "RoleAssignment": "roleAssignmentName", "Registry": "registryName",
+    "Compute": "computeName", "Datastore": "name",
+}
+
+
+# ARM resource ID shape per type: (provider path, parent input name, parent path) -> ids like Azure's, so code that
+# parses IDs (vault resource group and name, subnet parts) runs on offline renders too.
+ARM_PATHS = {
+    "ManagedEnvironment": "Microsoft.App/managedEnvironments/{name}",
+    "ContainerApp": "Microsoft.App/containerApps/{name}",
+    "Job": "Microsoft.App/jobs/{name}",
+    "ManagedEnvironmentsStorage": "Microsoft.App/managedEnvironments/{environmentName}/storages/{name}",
+    "ContainerAppsAuthConfig": "Microsoft.App/containerApps/{containerAppName}/authConfigs/{name}",
+    "StorageAccount": "Microsoft.Storage/storageAccounts/{name}",
+    "FileServiceProperties": "Microsoft.Storage/storageAccounts/{accountName}/fileServices/{name}",
+    "FileShare": "Microsoft.Storage/storageAccounts/{accountName}/fileServices/default/shares/{name}",
+    "Vault": "Microsoft.KeyVault/vaults/{name}",
+    "Secret": "Microsoft.KeyVault/vaults/{vaultName}/secrets/{name}",
+    "UserAssignedIdentity": "Microsoft.ManagedIdentity/userAssignedIdentities/{name}",
+    "Workspace": "Microsoft.OperationalInsights/workspaces/{name}",
+    "Registry": "Microsoft.ContainerRegistry/registries/{name}",
+    "VirtualNetwork": "Microsoft.Network/virtualNetworks/{name}",
+    "Subnet": "Microsoft.Network/virtualNetworks/{virtualNetworkName}/subnets/{name}",
+}
+
+
+def arm_id(short: str, name: str, plain: dict[str, Any]) -> str:
+    """The ARM ID Azure would give a resource of type ``short`` named ``name`` with these inputs."""
+    sub = f"/subscriptions/{FAKE_SUBSCRIPTION}"
+    if short == "ResourceGroup":
+        return f"{sub}/resourceGroups/{name}"
+    if short == "RoleAssignment":
+        return f"{plain.get('scope', sub)}/providers/Microsoft.Authorization/roleAssignments/{name}"
+    if short == "DiagnosticSetting":
+        return f"{plain.get('resourceUri', sub)}/providers/Microsoft.Insights/diagnosticSettings/{name}"
+    path = ARM_PATHS.get(short)
+    if path is None:
+        return f"{sub}/providers/mock/{short}/{name}"
+    fields = {k: plain.get(k, "unknown") for k in ("environmentName", "containerAppName", "accountName", "vaultName",
+                                                    "virtualNetworkName")}
+    return f"{sub}/resourceGroups/{plain.get('resourceGroupName', 'unknown')}/providers/" + path.format(
+        name=name, **fields)
+
+
+def _rg_id(a: dict[str, Any]) -> str:
+    return f"/subscriptions/{FAKE_SUBSCRIPTION}/resourceGroups/{a.get('resourceGroupName')}/providers"
+
+
+# What the get functions answer for brought resources (a plausible, documented setup; tests override parts).
+EXISTING = {
+    "azure-native:app:getManagedEnvironment": lambda a, o: {
+        "id": f"{_rg_id(a)}/Microsoft.App/managedEnvironments/{a.get('environmentName')}",
+        "name": a.get("environmentName"), "location": "West US 3",
+        "workloadProfiles": o.get("workloadProfiles", [
+            {"name": "Consumption", "workloadProfileType": "Consumption"},
+            {"name": "gpu-a100", "workloadProfileType": "Consumption-GPU-NC24-A100"},
+            {"name": "gpu-t4", "workloadProfileType": "Consumption-GPU-NC8as-T4"}])},
+    "azure-native:storage:getStorageAccount": lambda a, o: {
+        "id": f"{_rg_id(a)}/Microsoft.Storage/storageAccounts/{a.get('accountName')}", "name": a.get("accountName"),
+        "location": "westus3", "kind": "StorageV2", "sku": {"name": "Standard_LRS"}},
+    "azure-native:storage:getFileShare": lambda a, o: {
+        "id": f"{_rg_id(a)}/Microsoft.Storage/storageAccounts/{a.get('accountName')}/fileServices/default/shares/"
+              f"{a.get('shareName')}", "name": a.get("shareName"), "enabledProtocols": "SMB"},
+    "azure-native:keyvault:getVault": lambda a, o: {
+        "id": f"{_rg_id(a)}/Microsoft.KeyVault/vaults/{a.get('vaultName')}", "name": a.get("vaultName"),
+        "location": "westus3", "properties": {"tenantId": FAKE_TENANT, "sku": {"family": "A", "name": "standard"},
+                                              "vaultUri": f"https://{a.get('vaultName')}.vault.azure.net/"}},
+    "azure-native:operationalinsights:getWorkspace": lambda a, o: {
+        "id": f"{_rg_id(a)}/Microsoft.OperationalInsights/workspaces/{a.get('workspaceName')}",
+        "name": a.get("workspaceName"), "customerId": "existing-customer-id", "location": "westus3"},
 }
 
 
 class RecordingMocks(pulumi.runtime.Mocks):
     """Mocks that record every registration and answer like the azure-native provider would, offline."""
 
-    def __init__(self) -> None:
+    def __init__(self, stack_outputs: dict[str, dict[str, Any]] | None = None,
+                 subnets: dict[str, dict[str, Any]] | None = None,
+                 existing: dict[str, dict[str, Any]] | None = None) -> None:
         self.calls: list[pulumi.runtime.MockCallArgs] = []
         self.inputs: dict[tuple[str, str], dict[str, Any]] = {}  # (type, name) -> wire-format inputs
+        # StackReference name ("org/lorastack/platform") -> that stack's outputs (from its own offline render)
+        self.stack_outputs = stack_outputs or {}
+        # brought subnets by resource ID -> the get_subnet result (camelCase)
+        self.subnets = subnets or {}
+        # get-function token -> overrides of the answer for brought resources
+        self.existing: dict[str, dict[str, Any]] = existing or {}
 
     def new_resource(self, args: pulumi.runtime.MockResourceArgs):
         self.inputs[(args.typ, args.name)] = args.inputs
+        if args.typ == "pulumi:pulumi:StackReference":
+            ref = args.inputs.get("name")
+            if ref not in self.stack_outputs:
+                raise ValueError(f"stack reference {ref!r}: no offline outputs for it (render that stack first)")
+            return ref, {**args.inputs, "outputs": self.stack_outputs[ref], "secretOutputNames": []}
         state = dict(args.inputs)
         plain = unwrap(args.inputs)
         name, typ = args.name, args.typ
         short = typ.split(":")[-1]
         physical = plain.get(NAME_KEYS.get(short, "name"))
         state.setdefault("name", physical if isinstance(physical, str) else name)
-        rid = f"/mock/{short}/{state['name']}"
-        if short == "ResourceGroup":
-            rid = f"/subscriptions/{FAKE_SUBSCRIPTION}/resourceGroups/{state['name']}"
+        rid = arm_id(short, state["name"], plain)
+        if typ.startswith("azure-native:machinelearningservices:"):
+            ws = plain.get("workspaceName", state["name"])
+            rid = (f"/subscriptions/{FAKE_SUBSCRIPTION}/resourceGroups/{plain.get('resourceGroupName')}/providers/"
+                   f"Microsoft.MachineLearningServices/workspaces/{ws}"
+                   + ("" if short == "Workspace" else f"/{short.lower()}s/{state['name']}"))
         identity = plain.get("identity")
         if isinstance(identity, dict) and isinstance(identity.get("userAssignedIdentities"), list):
             # input is a list of IDs, output a map id -> {principalId, clientId}
@@ -105,6 +192,8 @@ class RecordingMocks(pulumi.runtime.Mocks):
             state.update(principalId=f"{name}-principal-id", clientId=f"{name}-client-id")
         elif typ == "azure-native:operationalinsights:Workspace":
             state["customerId"] = f"{name}-customer-id"
+        elif typ == "azure-native:containerregistry:Registry":
+            state["loginServer"] = f"{plain.get('registryName', name).lower()}.azurecr.io"
         elif typ == "azure-native:app:ManagedEnvironment":
             state.update(defaultDomain="mock.westus3.azurecontainerapps.io", staticIp="10.0.0.4")
         elif typ == "azure-native:keyvault:Vault":
@@ -135,6 +224,19 @@ class RecordingMocks(pulumi.runtime.Mocks):
                 {"keyName": "key1", "value": "mock-key-1==", "permissions": "FULL"},
                 {"keyName": "key2", "value": "mock-key-2==", "permissions": "FULL"},
             ]}
+        if args.token == "azure-native:network:getSubnet":
+            a = args.args
+            sid = (f"/subscriptions/{FAKE_SUBSCRIPTION}/resourceGroups/{a.get('resourceGroupName')}/providers/"
+                   f"Microsoft.Network/virtualNetworks/{a.get('virtualNetworkName')}/subnets/{a.get('subnetName')}")
+            found = next((v for k, v in self.subnets.items() if k.lower().endswith(sid.split("/resourceGroups/")[1]
+                                                                                    .lower())), None)
+            if found is None:  # a subnet set up as lorastack documents it
+                found = {"serviceEndpoints": [{"service": "Microsoft.Storage"}],
+                         "delegations": [{"name": "aca", "serviceName": "Microsoft.App/environments"}]}
+            return {"id": sid, "name": a.get("subnetName"), **found}
+        if args.token in EXISTING:  # brought resources, read with get functions
+            a = args.args
+            return EXISTING[args.token](a, self.existing.get(args.token, {}))
         if args.token == "azure-native:operationalinsights:getSharedKeys":
             return {"primarySharedKey": "mock-shared-key==", "secondarySharedKey": "mock-shared-key-2=="}
         return {}
@@ -156,6 +258,8 @@ class OptionsMonitor(pmocks.MockMonitor):
                 raise ValueError(f"duplicate resource URN {resp.urn}")
             self.options[resp.urn] = {
                 "protect": bool(request.protect),
+                "ignore_changes": list(request.ignoreChanges),
+                "after_create_hooks": list(request.hooks.after_create) if request.HasField("hooks") else [],
                 "dependencies": list(request.dependencies),
                 "parent": request.parent,
                 "custom": bool(request.custom),
@@ -207,12 +311,15 @@ def _single_worker_executor() -> None:
     loop.set_default_executor(_EXECUTOR)
 
 
-def install_mocks(project: str, stack: str, config: dict[str, str], secret_keys: list[str]) -> OptionsMonitor:
+def install_mocks(project: str, stack: str, config: dict[str, str], secret_keys: list[str],
+                  stack_outputs: dict[str, dict[str, Any]] | None = None,
+                  subnets: dict[str, dict[str, Any]] | None = None,
+                  existing: dict[str, dict[str, Any]] | None = None) -> OptionsMonitor:
     """Reset Pulumi's runtime state (root stack, config) and install fresh mocks for one render."""
     psettings.set_root_resource(None)
     pulumi.runtime.set_all_config(dict(config), list(secret_keys))
     _single_worker_executor()
-    mocks = RecordingMocks()
+    mocks = RecordingMocks(stack_outputs, subnets, existing)
     monitor = OptionsMonitor(mocks)
     pulumi.runtime.set_mocks(mocks, project=project, stack=stack, preview=False, monitor=monitor)
     return monitor
@@ -230,11 +337,18 @@ def run_and_settle(fn) -> Any:
     return box.get("result")
 
 
-def render_config(project: str, stack: str, config: dict[str, str], secret_keys: list[str], program=None) -> Rendering:
-    """Render ``program`` (default: provisioning.program.run) for ``stack`` with this config, offline."""
+def render_config(project: str, stack: str, config: dict[str, str], secret_keys: list[str], program=None,
+                  stack_outputs: dict[str, dict[str, Any]] | None = None,
+                  subnets: dict[str, dict[str, Any]] | None = None,
+                  existing: dict[str, dict[str, Any]] | None = None) -> Rendering:
+    """Render ``program`` (default: provisioning.program.run) for ``stack`` with this config, offline.
+
+    ``stack_outputs`` answers StackReferences (team stacks read the platform stack's outputs); ``subnets`` answers
+    get_subnet for brought subnets (default: one set up as documented); ``existing`` overrides what the other get
+    functions answer for brought resources (provisioning.offline.EXISTING)."""
     from provisioning import program as prog
 
-    monitor = install_mocks(project, stack, config, secret_keys)
+    monitor = install_mocks(project, stack, config, secret_keys, stack_outputs, subnets, existing)
     values: dict[str, Any] = {}
     secret_outputs: set[str] = set()
 
@@ -265,6 +379,7 @@ def render_config(project: str, stack: str, config: dict[str, str], secret_keys:
         resources.append(RenderedResource(
             type=opt["type"], name=opt["name"], urn=urn, inputs=inputs, secret_paths=secret_paths,
             custom=opt["custom"], protect=opt["protect"], dependencies=opt["dependencies"], parent=opt["parent"],
+            ignore_changes=opt["ignore_changes"], after_create_hooks=opt["after_create_hooks"],
         ))
     outputs = {k: values[k] for k in sorted(values, key=list(values).index)}
     return Rendering(resources, outputs, secret_outputs, monitor.mocks)

@@ -1,6 +1,7 @@
 """Stack outputs and how they map onto the AI Toolkit's infra config files (pure).
 
-Outputs named here are the only ones the program exports; none carries a secret.
+Outputs named here are the only ones the program exports; none carries a secret. ``acrLoginServer``/``acrName``
+are empty when the stack pulls public images.
 """
 
 from __future__ import annotations
@@ -25,6 +26,18 @@ OUTPUTS: dict[str, tuple[str, str] | None] = {
     "keyVaultName": None,
     "keyVaultUri": None,
     "identityClientId": None,
+    # what team stacks read from the platform stack (StackReference) and the image workflow pushes to
+    "environmentId": None,
+    "environmentResourceGroupName": None,
+    "workloadProfiles": None,
+    "keyVaultId": None,
+    "acrLoginServer": None,
+    "acrName": None,
+    "acrId": None,
+    # Azure ML (stack setting azureml; empty when absent): where the scale team submits jobs
+    "amlWorkspaceName": None,
+    "amlComputeName": None,
+    "amlDatastoreName": None,
 }
 # the inference config repeats the shared keys
 _SHARED = ("SUBSCRIPTION_ID", "RESOURCE_GROUP_NAME", "STORAGE_ACCOUNT_NAME", "FILE_SHARE_NAME")

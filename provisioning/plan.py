@@ -2,8 +2,10 @@
 
 Runs the real program (provisioning.program.run) with the real pulumi-azure-native classes under Pulumi's mocks:
 no Pulumi CLI, no Azure credentials, a second or two. It shows what would be sent to the provider; it is NOT
-``pulumi preview`` (no state, no diff, nothing checked by Azure). Exit codes: 0 all policies pass, 1 a policy
-is violated, 2 the stack file is invalid.
+``pulumi preview`` (nothing checked by Azure). With ``--against STATE.json`` (``pulumi stack export`` or ``pulumi
+stack output --json`` of the live stack) it also reports the changes an up would make that Azure refuses or that break
+a running workload (provisioning.changes). Exit codes: 0 all policies pass and nothing blocks, 1 a policy is violated
+or a change blocks, 2 the stack file (or the state file) is invalid.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ NOT_PREVIEW = ("offline render under Pulumi mocks: this is NOT `pulumi preview` 
                "no provider-side validation); run `pulumi preview --stack {stack} --policy-pack policy` for that")
 ROLE_NAMES = {"4633458b-17de-408a-b874-0445c86b69e6": "Key Vault Secrets User",
               "7f951dda-4ed3-4680-a7ca-43fe172d538d": "AcrPull"}
+_PLATFORM_CACHE: dict = {}
 
 
 @dataclass
@@ -36,10 +39,14 @@ class PlanResult:
     secret_outputs: set[str]
     verdicts: dict[str, list[policies.Violation]]
     notes: list[str] = field(default_factory=list)
+    changes: list[Any] | None = None  # changes.Change list when planned --against a state
+    against: str | None = None
 
     @property
     def ok(self) -> bool:
-        return not any(self.verdicts.values())
+        from provisioning.changes import blocking
+
+        return not any(self.verdicts.values()) and not blocking(self.changes or [])
 
 
 def to_policy_resources(rendered) -> list[policies.Resource]:
@@ -48,18 +55,87 @@ def to_policy_resources(rendered) -> list[policies.Resource]:
             for r in rendered if r.custom]
 
 
-def plan_stack(stack: str, project_dir: Path | None = None, guardrails: Guardrails | None = None) -> PlanResult:
-    """Load, validate, render and policy-check ``stack``. Raises StackFileError / SettingsError."""
+def plan_stack(stack: str, project_dir: Path | None = None, guardrails: Guardrails | None = None,
+               against: Path | None = None) -> PlanResult:
+    """Load, validate, render and policy-check ``stack``; with ``against`` (``pulumi stack export`` or ``pulumi stack
+    output --json`` of the live stack), also plan the changes an up would make to it. Raises StackFileError /
+    SettingsError (and changes.StateError for a bad state file)."""
     from provisioning.offline import render_config
 
     sf = load_stack(stack, project_dir, esc_secret_keys=SECRET_KEYS)
-    parse_settings(sf.raw(), sf.display_path, stack, sf.bare_secret_keys())  # fail before rendering anything
-    rendering = render_config(sf.project, stack, sf.config, sf.secret_keys)
     g = guardrails or load_guardrails(sf.project_dir)
-    verdicts = policies.evaluate(to_policy_resources(rendering.resources), g)
+    # fail before rendering anything; the tier is the guardrails' word for this stack name
+    settings = parse_settings(sf.raw(), sf.display_path, stack, sf.bare_secret_keys(), expected_tier=g.tier_for(stack))
     notes = [f"{k} is expected from ESC environment {', '.join(sf.environments)} (not checked offline)"
              for k in sf.from_environment]
-    return PlanResult(sf, rendering.resources, rendering.outputs, rendering.secret_outputs, verdicts, notes)
+    stack_outputs = {}
+    if settings.tier == "team":
+        ref = g.platform_reference()
+        if ref is None or g.platform_stack == stack:
+            raise StackFileError("stacks/guardrails.yaml: selfService.platformStack is missing; team stacks join the "
+                                 "platform stack's environment")
+        stack_outputs[ref] = platform_outputs(sf.project_dir, g)
+        notes.append(f"joins the environment of platform stack {g.platform_stack!r} (StackReference {ref}; its "
+                     "outputs come from its own offline render)")
+    rendering = render_config(sf.project, stack, sf.config, sf.secret_keys, stack_outputs=stack_outputs)
+    verdicts = policies.evaluate(to_policy_resources(rendering.resources), g)
+    notes += reachability(settings)
+    if any(PLACEHOLDER_DIGEST in getattr(settings.images, k) for k in ("trainer", "inference")):
+        notes.append("images use the placeholder digest (sha256:000...): the image workflow proposes the real "
+                     "digests in a pull request; `pulumi up` with the placeholder cannot pull")
+    result = PlanResult(sf, rendering.resources, rendering.outputs, rendering.secret_outputs, verdicts, notes)
+    if against is not None:
+        from provisioning import changes
+
+        try:
+            data = json.loads(Path(against).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise changes.StateError(f"{against}: cannot read a JSON state: {e}") from None
+        try:
+            live = changes.read_state(data)
+        except changes.StateError as e:
+            raise changes.StateError(f"{against}: {e}") from None
+        result.changes = changes.plan_changes(live, changes.desired_shape(rendering.resources),
+                                              team_stacks_may_use=stack == g.platform_stack)
+        result.against = str(against)
+    return result
+
+
+PLACEHOLDER_DIGEST = "@sha256:" + "0" * 64
+
+
+def platform_outputs(project_dir: Path, g: Guardrails) -> dict[str, Any]:
+    """The platform stack's outputs from its own offline render (what a team stack's StackReference reads); rendered
+    once per platform stack file content."""
+    from provisioning.stackfile import stack_path
+
+    key = (str(project_dir), repr(g), stack_path(project_dir, g.platform_stack).read_text())
+    if key not in _PLATFORM_CACHE:
+        result = plan_stack(g.platform_stack, project_dir, g)
+        if not result.ok:
+            raise StackFileError(f"platform stack {g.platform_stack!r} does not pass its own plan; fix it first")
+        _PLATFORM_CACHE[key] = result.outputs
+    return _PLATFORM_CACHE[key]
+
+
+def reachability(s) -> list[str]:
+    """Who can reach the endpoint and the store, from the settings alone [rule storage-firewall]."""
+    i, n = s.inference, s.network
+    if i.ip_allow_list:
+        ranges = ", ".join(f"{r.name} {r.cidr}" for r in i.ip_allow_list)
+        endpoint = f"endpoint: public, admits only {ranges}; a laptop or CI runner elsewhere gets 403"
+    else:
+        endpoint = "endpoint: public (any laptop or CI runner; API key required on /v1)"
+    if n is None:
+        store = "store: public endpoint with the account key (any laptop or CI runner with Azure access)"
+    else:
+        ranges = ", ".join(f"{r.name} {r.cidr}" for r in n.client_cidrs)
+        store = ("store: firewall denies all but the environment's subnet"
+                 + (f" and {ranges}: `lorastack finetune`/`status` work from there only" if ranges else
+                    ": `lorastack finetune`/`status` from a laptop or CI runner get 403 (add network.clientCidrs)"))
+    if s.tier == "team":
+        store = "store: public endpoint with the account key (team store)"
+    return [endpoint, store]
 
 
 def _num(v: Any) -> Any:
@@ -182,8 +258,16 @@ def render_text(p: PlanResult) -> str:
             lines.append(f"        {v.resource}: {v.message}")
     for n in p.notes:
         lines.append(f"note: {n}")
+    if p.changes is not None:
+        lines += ["", f"Changes against {p.against} (what `pulumi up` would do to the live stack):"]
+        lines += [f"  {c.line()}" for c in p.changes] or ["  nothing Azure refuses or that breaks a running workload"]
     failed = sum(1 for v in p.verdicts.values() if v)
-    lines += ["", f"{'OK' if p.ok else 'FAILED'}: {len(p.verdicts) - failed}/{len(p.verdicts)} policies pass"]
+    summary = f"{len(p.verdicts) - failed}/{len(p.verdicts)} policies pass"
+    if p.changes is not None:
+        from provisioning.changes import blocking
+
+        summary += f", {len(blocking(p.changes))} blocking change(s)"
+    lines += ["", f"{'OK' if p.ok else 'FAILED'}: {summary}"]
     return "\n".join(lines)
 
 
@@ -203,16 +287,22 @@ def render_json(p: PlanResult) -> str:
         "policies": [{"name": k, "passed": not v, "violations": [{"resource": x.resource, "message": x.message}
                                                                  for x in v]} for k, v in p.verdicts.items()],
         "notes": p.notes,
+        "changes": None if p.changes is None else [
+            {"severity": c.severity, "rule": c.rule, "resource": c.resource, "message": c.message, "fix": c.fix}
+            for c in p.changes],
         "ok": p.ok,
     }, indent=2, default=str)
 
 
 def plan_command(args) -> int:
     """CLI handler for ``lorastack plan``."""
+    from provisioning.changes import StateError
+
     project_dir = Path(args.project_dir) if getattr(args, "project_dir", None) else None
+    against = Path(args.against) if getattr(args, "against", None) else None
     try:
-        result = plan_stack(args.stack, project_dir)
-    except (StackFileError, SettingsError) as e:
+        result = plan_stack(args.stack, project_dir, against=against)
+    except (StackFileError, SettingsError, StateError) as e:
         if args.json:
             print(json.dumps({"stack": args.stack, "ok": False, "configErrors": str(e).splitlines()}, indent=2))
         else:

@@ -15,6 +15,7 @@ from typing import Any
 
 from provisioning import gpu
 from provisioning.guardrails import Guardrails
+from provisioning.rules import cite
 
 T_STORAGE = "azure-native:storage:StorageAccount"
 T_FILES = "azure-native:storage:FileServiceProperties"
@@ -84,13 +85,30 @@ def _of(resources: Sequence[Resource], typ: str) -> list[Resource]:
     return [r for r in resources if r.type == typ]
 
 
-def stack_tier(resources: Sequence[Resource]) -> str | None:
-    """The stack's tier, from the ``lorastack-tier`` tag its resources carry."""
+def stack_name(resources: Sequence[Resource]) -> str | None:
+    """The stack the resources belong to, from their URNs (``urn:pulumi:<stack>::<project>::...``)."""
+    for r in resources:
+        if r.urn.startswith("urn:pulumi:") and "::" in r.urn:
+            return r.urn[len("urn:pulumi:"):].split("::", 1)[0]
+    return None
+
+
+def stack_tier(resources: Sequence[Resource], g: Guardrails) -> str | None:
+    """The stack's tier: the guardrails' word for the stack's name, never the stack's own tags
+    [rule guardrails-by-stack]; the ``lorastack-tier`` tag only when the stack is unknown (no URNs)."""
+    stack = stack_name(resources)
+    if stack is not None:
+        return g.tier_for(stack)
     for r in resources:
         tier = r.get(f"tags.{TIER_TAG}") or r.get("metadata.lorastacktier")
         if tier:
             return tier
     return None
+
+
+def normalize_location(loc: str) -> str:
+    """``'West US 3'`` (what Microsoft.App returns) -> ``'westus3'`` (what we send) [rule display-locations]."""
+    return loc.replace(" ", "").lower()
 
 
 def _split(v: Any) -> set[str]:
@@ -213,7 +231,7 @@ PROTECTED_IN_PROD = (T_RG, T_STORAGE, T_SHARE, T_ENV, T_VAULT)
 
 
 def prod_data_protected(resources: Sequence[Resource], g: Guardrails) -> list[tuple[str, str]]:
-    if stack_tier(resources) != "prod":
+    if stack_tier(resources, g) != "prod":
         return []
     out = []
     for r in resources:
@@ -237,12 +255,12 @@ def prod_data_protected(resources: Sequence[Resource], g: Guardrails) -> list[tu
 
 # --- self-service --------------------------------------------------------------------------------------------
 def self_service_limits(resources: Sequence[Resource], g: Guardrails) -> list[tuple[str, str]]:
-    if stack_tier(resources) != "team":
+    if stack_tier(resources, g) != "team":
         return []
     out = []
     for r in resources:
         loc = r.get("location")
-        if isinstance(loc, str) and loc not in g.allowed_locations:
+        if isinstance(loc, str) and normalize_location(loc) not in g.allowed_locations:
             out.append((r.name, (f"location {loc!r} is not allowed for team stacks; allowed: "
                                 f"{', '.join(g.allowed_locations)}")))
     for r in _of(resources, T_ENV):
@@ -251,6 +269,12 @@ def self_service_limits(resources: Sequence[Resource], g: Guardrails) -> list[tu
             if ptype != gpu.CONSUMPTION and ptype not in g.allowed_gpu_profiles:
                 out.append((r.name, (f"GPU profile {ptype!r} is not allowed for team stacks; allowed: "
                                     f"{', '.join(g.allowed_gpu_profiles)}")))
+    allowed_names = {gpu.GPU_PROFILES[t].short for t in g.allowed_gpu_profiles if t in gpu.GPU_PROFILES}
+    for r in _of(resources, T_APP) + _of(resources, T_JOB):
+        name = r.get("workloadProfileName")
+        if name is not None and name != gpu.CONSUMPTION and name not in allowed_names:
+            out.append((r.name, (f"workload profile {name!r} is not allowed for team stacks; allowed: "
+                                 f"{', '.join(sorted(allowed_names))}")))
     for r in _of(resources, T_APP):
         mx = r.get("template.scale.maxReplicas")
         if mx is None or mx > g.max_replicas:
@@ -260,6 +284,55 @@ def self_service_limits(resources: Sequence[Resource], g: Guardrails) -> list[tu
         t = r.get("configuration.replicaTimeout") or 0
         if t > g.max_replica_timeout_seconds:
             out.append((r.name, f"replicaTimeout {int(t)} s is above the team limit of {g.max_replica_timeout_seconds}"))
+    return out
+
+
+# --- cost ----------------------------------------------------------------------------------------------------
+def gpu_usage(resources: Sequence[Resource]) -> tuple[int, float]:
+    """(always-on GPUs, worst-case GPU replica-hours a day) of a stack.
+
+    Always on: GPU app replicas that never scale to zero (minReplicas) plus dedicated GPU nodes kept (minimumCount).
+    Replica-hours: every GPU app replica busy all day (maxReplicas x 24) plus one run of each GPU job
+    (replicaTimeout x parallelism). Team stacks' apps run on the platform's profiles: known by their names.
+    """
+    types = {p.get("name"): p.get("workloadProfileType")
+             for r in _of(resources, T_ENV) for p in r.get("workloadProfiles", []) or []}
+    gpu_names = {t.short for t in gpu.GPU_PROFILES.values()}
+
+    def on_gpu(r: Resource) -> bool:
+        name = r.get("workloadProfileName")
+        return name in gpu_names or types.get(name) in gpu.GPU_PROFILES
+
+    always_on, hours = 0, 0.0
+    for r in _of(resources, T_APP):
+        if on_gpu(r):
+            always_on += int(r.get("template.scale.minReplicas") or 0)
+            hours += 24 * float(r.get("template.scale.maxReplicas") or 10)  # ACA's default maximum is 10
+    for r in _of(resources, T_JOB):
+        if on_gpu(r):
+            parallel = float(r.get("configuration.manualTriggerConfig.parallelism") or 1)
+            hours += parallel * float(r.get("configuration.replicaTimeout") or 0) / 3600
+    for r in _of(resources, T_ENV):
+        for p in r.get("workloadProfiles", []) or []:
+            prof = gpu.GPU_PROFILES.get(p.get("workloadProfileType"))
+            if prof is not None and not prof.serverless:
+                always_on += prof.gpus * int(p.get("minimumCount") or 0)
+    return always_on, hours
+
+
+def gpu_cost_limits(resources: Sequence[Resource], g: Guardrails) -> list[tuple[str, str]]:
+    stack = stack_name(resources)
+    if stack is None:
+        return []
+    limits = g.limits_for(stack)
+    always_on, hours = gpu_usage(resources)
+    out = []
+    if limits.max_always_on_gpus is not None and always_on > limits.max_always_on_gpus:
+        out.append((stack, (f"{always_on} always-on GPUs (minReplicas / dedicated minimumCount) is above the limit of "
+                            f"{limits.max_always_on_gpus} for stack {stack!r} {cite('guardrails-by-stack')}")))
+    if limits.max_gpu_replica_hours_per_day is not None and hours > limits.max_gpu_replica_hours_per_day:
+        out.append((stack, (f"{hours:g} GPU replica-hours a day at worst (maxReplicas x 24 h + one training run) is "
+                            f"above the limit of {limits.max_gpu_replica_hours_per_day:g} for stack {stack!r}")))
     return out
 
 
@@ -278,6 +351,8 @@ POLICIES: tuple[Policy, ...] = (
            "protection; long log retention and share soft delete.", prod_data_protected),
     Policy("self-service-limits", "Team stacks: allowed regions and GPU profiles, bounded replicas and job timeout.",
            self_service_limits),
+    Policy("gpu-cost-limits", "Always-on GPUs and worst-case GPU replica-hours a day within the stack's limits "
+           "(stacks/guardrails.yaml, by stack name).", gpu_cost_limits),
 )
 
 

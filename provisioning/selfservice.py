@@ -1,5 +1,7 @@
 """``lorastack stack new TEAM``: a team's own stack file, written from stacks/team.template.yaml within the
-platform guardrails (stacks/guardrails.yaml), then validated by rendering it exactly like ``lorastack plan``.
+platform guardrails (stacks/guardrails.yaml), validated by rendering it exactly like ``lorastack plan``, plus the
+team's entry in stacks/pipeline.yaml (GitHub environments, federated-credential subjects, the Pulumi stack created
+with upsert) and the one-time platform steps it cannot do itself.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from provisioning import gpu, naming
+from provisioning import gpu, naming, pipeline
 from provisioning.guardrails import Guardrails, load_guardrails
 from provisioning.stackfile import find_project_dir, stack_path
 
@@ -51,9 +53,12 @@ def check_request(req: TeamRequest, g: Guardrails) -> None:
     if not 1 <= req.max_replicas <= g.max_replicas:
         raise SelfServiceError(f"--max-replicas: {req.max_replicas} is above the team limit; allowed: "
                                f"1-{g.max_replicas}")
-    if not g.platform_key_vault_id:
-        raise SelfServiceError("stacks/guardrails.yaml: selfService.platformKeyVaultId is missing; the platform "
-                               "team must name the Key Vault that holds team secrets")
+    if not g.platform_stack:
+        raise SelfServiceError("stacks/guardrails.yaml: selfService.platformStack is missing; the platform team must "
+                               "name the stack whose environment team stacks join")
+    if g.tier_for(req.team) != "team":
+        raise SelfServiceError(f"TEAM: {req.team!r} is a platform stack in stacks/guardrails.yaml; allowed: any "
+                               "other name")
 
 
 def render_team_stack(template_text: str, req: TeamRequest, g: Guardrails) -> str:
@@ -66,14 +71,23 @@ def render_team_stack(template_text: str, req: TeamRequest, g: Guardrails) -> st
         max_replicas=req.max_replicas,
         training_gpu=d.get("trainingGpuProfile", "Consumption-GPU-NC24-A100"),
         replica_timeout=min(int(d.get("replicaTimeoutSeconds", 14400)), g.max_replica_timeout_seconds),
-        trainer_image=d.get("trainerImage", "ghcr.io/lorastack/trainer:0.1.0"),
-        inference_image=d.get("inferenceImage", "ghcr.io/lorastack/inference:0.1.0"),
-        key_vault_id=g.platform_key_vault_id,
+        trainer_image=d["trainerImage"],
+        inference_image=d["inferenceImage"],
     )
 
 
-def create_team_stack(req: TeamRequest, project_dir: Path) -> Path:
-    """Write stacks/Pulumi.<team>.yaml and validate it like ``lorastack plan``; removes it again if it fails."""
+@dataclass(frozen=True)
+class NewStack:
+    """What ``stack new`` wrote."""
+
+    path: Path
+    pipeline_entry: dict
+    one_time_steps: list[str]
+
+
+def create_team_stack(req: TeamRequest, project_dir: Path) -> NewStack:
+    """Write stacks/Pulumi.<team>.yaml, validate it like ``lorastack plan`` (removed again if it fails), then add its
+    stacks/pipeline.yaml entry."""
     from provisioning.plan import plan_stack
     from provisioning.settings import SettingsError
 
@@ -85,6 +99,8 @@ def create_team_stack(req: TeamRequest, project_dir: Path) -> Path:
     template = project_dir / TEMPLATE
     if not template.is_file():
         raise SelfServiceError(f"template {TEMPLATE} not found under {project_dir}")
+    if "trainerImage" not in g.defaults or "inferenceImage" not in g.defaults:
+        raise SelfServiceError("stacks/guardrails.yaml: selfService.defaults.trainerImage/inferenceImage are missing")
     path.write_text(render_team_stack(template.read_text(), req, g))
     try:
         result = plan_stack(req.team, project_dir, g)
@@ -95,7 +111,9 @@ def create_team_stack(req: TeamRequest, project_dir: Path) -> Path:
         path.unlink()
         bad = [f"{k}: {v.resource}: {v.message}" for k, vs in result.verdicts.items() for v in vs]
         raise SelfServiceError("the generated stack violates policies:\n" + "\n".join(bad))
-    return path
+    entry = pipeline.add_stack(project_dir, req.team, g)
+    vault = str(result.outputs.get("keyVaultName") or "<platform Key Vault>")
+    return NewStack(path, entry, pipeline.one_time_steps(req.team, g, vault))
 
 
 def stack_new_command(args) -> int:
@@ -110,14 +128,20 @@ def stack_new_command(args) -> int:
             gpu_profile=args.gpu or d.get("gpuProfile", g.allowed_gpu_profiles[0]),
             max_replicas=args.max_replicas if args.max_replicas is not None else int(d.get("maxReplicas", 1)),
         )
-        path = create_team_stack(req, project_dir)
+        new = create_team_stack(req, project_dir)
     except (SelfServiceError, ValueError) as e:
         print(f"lorastack stack new: {e}", file=sys.stderr)
         return 2
-    rel = path.relative_to(project_dir)
+    rel = new.path.relative_to(project_dir)
+    e = new.pipeline_entry
     print(f"wrote {rel} (location {req.location}, inference {req.gpu_profile}, max {req.max_replicas} replicas); "
           f"it renders offline with every policy passing.")
-    print(f"next: store the team's secrets in the platform Key Vault as {req.team}-hf-token and "
-          f"{req.team}-api-keys, open a pull request with {rel}, and let CI run "
-          f"`lorastack plan --stack {req.team}` and `pulumi preview`.")
+    print(f"wrote {pipeline.PIPELINE_FILE} entry {req.team!r}: Pulumi stack {e['pulumiStack']} (created with upsert "
+          f"on the first preview), GitHub environments {e['deployEnvironment']} / {e['previewEnvironment']}, "
+          f"federated-credential subjects {e['deploySubject']} / {e['previewSubject']}.")
+    print("one-time platform steps (lorastack cannot do these):")
+    for n, step in enumerate(new.one_time_steps, 1):
+        print(f"  {n}. {step}")
+    print(f"then open a pull request with {rel} and {pipeline.PIPELINE_FILE}; CI runs `lorastack plan --stack "
+          f"{req.team}` and `pulumi preview`.")
     return 0

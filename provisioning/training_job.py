@@ -22,7 +22,7 @@ class TrainingJobArgs:
     cpu: float
     memory: str
     image: str
-    registry_server: str | None
+    registry_server: pulumi.Input[str] | None
     replica_timeout_seconds: int
     replica_retry_limit: int
     storage_name: pulumi.Input[str]  # the read-write environment storage link
@@ -78,6 +78,7 @@ class TrainingJob(pulumi.ComponentResource):
                         app.EnvironmentVarArgs(name=contract.ENV_HF_TOKEN, secret_ref=contract.SECRET_HF_TOKEN),
                         app.EnvironmentVarArgs(name="HF_HOME", value=contract.HF_HOME),
                         app.EnvironmentVarArgs(name="HF_HUB_CACHE", value=contract.HF_HUB_CACHE),
+                        app.EnvironmentVarArgs(name="HF_DATASETS_CACHE", value=contract.HF_DATASETS_CACHE),
                         app.EnvironmentVarArgs(name=contract.ENV_STORE, value=contract.STORE_MOUNT_PATH),
                     ],
                     volume_mounts=[app.VolumeMountArgs(

@@ -24,13 +24,15 @@ REPO = Path(__file__).resolve().parents[1]
 BASE: dict[str, Any] = {
     "location": "westus3",
     "tier": "dev",
-    "images": {"trainer": "ghcr.io/lorastack/trainer:0.1.0", "inference": "ghcr.io/lorastack/inference:0.1.0"},
+    "images": {"trainer": f"acme.azurecr.io/lorastack-trainer@sha256:{'a' * 64}",
+               "inference": f"acme.azurecr.io/lorastack-inference@sha256:{'b' * 64}"},
     "training": {"gpuProfile": "Consumption-GPU-NC24-A100", "replicaTimeoutSeconds": 14400},
     "inference": {"gpuProfile": "Consumption-GPU-NC8as-T4", "maxReplicas": 2},
     "hfToken": "hf_test_token_value",
     "inferenceApiKeys": "key-one,key-two",
 }
 SECRETS = ["hfToken", "inferenceApiKeys"]
+PLATFORM_REF = "lorastack/lorastack/platform"  # stacks/guardrails.yaml: pulumiOrg + selfService.platformStack
 
 
 def settings_with(**changes: Any) -> dict[str, Any]:
@@ -53,22 +55,45 @@ _CACHE: dict[str, Rendering] = {}
 class Offline:
     """Renders the real program offline."""
 
-    def render(self, raw: dict[str, Any], stack: str = "unit", secret_keys: list[str] | None = None) -> Rendering:
+    def render(self, raw: dict[str, Any], stack: str | None = None, secret_keys: list[str] | None = None,
+               subnets: dict | None = None, existing: dict | None = None) -> Rendering:
+        """Render ``raw`` as stack ``stack`` (default: the stack the guardrails give ``raw``'s tier: dev, staging or
+        prod; ``unit`` for tier team, which joins the repo's platform stack)."""
         keys = SECRETS if secret_keys is None else secret_keys
-        cache_key = json.dumps([raw, stack, sorted(keys)], sort_keys=True)
+        if stack is None:
+            stack = raw.get("tier") if raw.get("tier") in ("dev", "staging", "prod") else "unit"
+        cache_key = json.dumps([raw, stack, sorted(keys), subnets, existing], sort_keys=True)
         if cache_key not in _CACHE:
             from provisioning.offline import render_config
 
             config = {f"{PROJECT}:{k}": (v if isinstance(v, str) else json.dumps(v)) for k, v in raw.items()}
-            _CACHE[cache_key] = render_config(PROJECT, stack, config, [f"{PROJECT}:{k}" for k in keys if k in raw])
+            outputs = {PLATFORM_REF: self.render_stack("platform").outputs} if raw.get("tier") == "team" else None
+            _CACHE[cache_key] = render_config(PROJECT, stack, config, [f"{PROJECT}:{k}" for k in keys if k in raw],
+                                              stack_outputs=outputs, subnets=subnets, existing=existing)
         return _CACHE[cache_key]
 
     def render_stack(self, stack: str) -> Rendering:
+        """Render the repo's stack file ``stack`` (once per session)."""
         from provisioning.offline import render_config
         from provisioning.stackfile import load_stack
 
-        sf = load_stack(stack, REPO, esc_secret_keys=tuple(SECRETS))
-        return render_config(sf.project, stack, sf.config, sf.secret_keys)
+        key = f"stack:{stack}"
+        if key not in _CACHE:
+            sf = load_stack(stack, REPO, esc_secret_keys=tuple(SECRETS))
+            _CACHE[key] = render_config(sf.project, stack, sf.config, sf.secret_keys)
+        return _CACHE[key]
+
+
+_PLANS: dict = {}
+
+
+def planned(stack: str):
+    """provisioning.plan.plan_stack(stack) of the repo's stack file, once per session (renders are deterministic)."""
+    from provisioning.plan import plan_stack
+
+    if stack not in _PLANS:
+        _PLANS[stack] = plan_stack(stack, REPO)
+    return _PLANS[stack]
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ secrets, ordering and protection, and one named test per known ACA failure mode.
 from __future__ import annotations
 
 import pytest
-from provisioning_helpers import settings_with
+from provisioning_helpers import BASE, settings_with
 
 from provisioning import contract
 from provisioning.identity import ACR_PULL, KEY_VAULT_SECRETS_USER
@@ -13,6 +13,8 @@ from provisioning.outputs import OUTPUTS, ai_toolkit_configs
 KV_ID = "/subscriptions/s/resourceGroups/rg-platform/providers/Microsoft.KeyVault/vaults/kv-platform"
 ACR_ID = "/subscriptions/s/resourceGroups/rg-shared/providers/Microsoft.ContainerRegistry/registries/acme"
 VNET = {"addressSpace": "10.40.0.0/16", "infrastructureSubnet": "10.40.0.0/23"}
+UAI_ID = ("/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/rg-lorastack-dev/providers/"
+          "Microsoft.ManagedIdentity/userAssignedIdentities/id-lorastack-dev")
 
 
 def container(r):
@@ -35,7 +37,7 @@ def test_environment_profiles_and_logs(offline):
     assert env.get("appLogsConfiguration") == {"destination": "azure-monitor"}
     diag = r.one("DiagnosticSetting")
     assert diag.get("logs") == [{"categoryGroup": "allLogs", "enabled": True}]
-    assert diag.get("workspaceId") == r.one("Workspace").get("id", "/mock/Workspace/log-lorastack-unit")
+    assert diag.get("workspaceId") == r.one("Workspace").get("id", "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/rg-lorastack-dev/providers/Microsoft.OperationalInsights/workspaces/log-lorastack-dev")
     assert r.one("Workspace").get("retentionInDays") == 30
 
 
@@ -49,17 +51,45 @@ def test_dedicated_profile_gets_node_counts(offline):
     assert container(job)["resources"] == {"cpu": 48, "memory": "440Gi"}
 
 
-def test_vnet_integration(offline):
-    r = offline.render(settings_with(network=VNET))
+def test_vnet_integration_external_environment_with_named_client_ranges(offline):
+    """Issue 9 "prod cannot be reached": the environment is external (public endpoint behind the IP allow-list) and
+    the store's firewall admits the subnet AND the named client ranges, so the CLI from a laptop or CI works."""
+    r = offline.render(settings_with(network={**VNET, "clientCidrs": [
+        {"name": "corp", "cidr": "203.0.113.0/24"}, {"name": "ci-runner", "cidr": "198.51.100.7/32"}]}))
     subnet = r.one("Subnet")
     assert subnet.get("addressPrefix") == "10.40.0.0/23"
     assert subnet.get("delegations") == [{"name": "aca", "serviceName": "Microsoft.App/environments"}]
+    assert subnet.get("serviceEndpoints") == [{"service": "Microsoft.Storage"}]
     env = r.one("ManagedEnvironment")
-    assert env.get("vnetConfiguration.internal") is True
-    assert env.get("vnetConfiguration.infrastructureSubnetId")
+    assert env.get("vnetConfiguration.internal") is False
+    assert env.get("vnetConfiguration.infrastructureSubnetId") == subnet.get("id", r.outputs and env.get(
+        "vnetConfiguration.infrastructureSubnetId"))
     acct = r.one("StorageAccount")
     assert acct.get("networkRuleSet.defaultAction") == "Deny"
-    assert acct.get("networkRuleSet.virtualNetworkRules")[0]["virtualNetworkResourceId"]
+    assert acct.get("networkRuleSet.virtualNetworkRules")[0]["virtualNetworkResourceId"].endswith(
+        "/subnets/aca-infrastructure")
+    # a single host is a bare address: storage ipRules refuse /32
+    assert acct.get("networkRuleSet.ipRules") == [{"iPAddressOrRange": "203.0.113.0/24", "action": "Allow"},
+                                                  {"iPAddressOrRange": "198.51.100.7", "action": "Allow"}]
+
+
+SUBNET_ID = ("/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/rg-net/providers/"
+             "Microsoft.Network/virtualNetworks/hub/subnets/aca")
+
+
+def test_brought_subnet_is_read_and_used_unchanged(offline):
+    r = offline.render(settings_with(network={"infrastructureSubnetId": SUBNET_ID}))
+    assert not r.by_type("Subnet") and not r.by_type("VirtualNetwork")
+    assert r.one("ManagedEnvironment").get("vnetConfiguration.infrastructureSubnetId") == SUBNET_ID
+    assert any(c.token == "azure-native:network:getSubnet" and c.args["subnetName"] == "aca" for c in r.mocks.calls)
+
+
+def test_guard_brought_subnet_without_storage_service_endpoint_fails_before_the_store(offline):
+    """Issue 9: a brought subnet without the Microsoft.Storage service endpoint makes the storage VNet rule fail
+    at deploy time; the program reads the subnet and stops with what to do."""
+    with pytest.raises(Exception, match=r"no Microsoft.Storage service endpoint.*\[rule subnet-storage-endpoint\]"):
+        offline.render(settings_with(network={"infrastructureSubnetId": SUBNET_ID}), subnets={SUBNET_ID: {
+            "serviceEndpoints": [], "delegations": [{"name": "aca", "serviceName": "Microsoft.App/environments"}]}})
 
 
 # --- store ---------------------------------------------------------------------------------------------------
@@ -98,44 +128,36 @@ def test_guard_aca_1406_key_rotation_rolls_to_a_new_storage_link(offline):
     assert r.one("ContainerApp").get("template.volumes")[0]["storageName"] == "store-ro-k2"
 
 
-def test_nfs_variant_has_no_shared_key(offline):
-    r = offline.render(settings_with(network=VNET, store={"protocol": "nfs", "tier": "Premium", "quotaGiB": 100}))
-    acct = r.one("StorageAccount")
-    assert (acct.get("kind"), acct.get("sku.name"), acct.get("allowSharedKeyAccess")) == (
-        "FileStorage", "Premium_LRS", False)
-    assert r.one("FileShare").get("enabledProtocols") == "NFS"
-    for link in r.by_type("ManagedEnvironmentsStorage"):
-        nfs = link.get("properties.nfsAzureFile")
-        assert nfs["server"].endswith(".file.core.windows.net") and nfs["shareName"].endswith("/store")
-        assert not link.secret_paths and link.get("properties.azureFile") is None
-    assert r.one("Job").get("template.volumes")[0]["storageType"] == "NfsAzureFile"
-    assert not [c for c in r.mocks.calls if c.token.endswith("listStorageAccountKeys")]
-
-
 # --- identity and secrets ------------------------------------------------------------------------------------
 def test_key_vault_and_secrets(offline):
     r = offline.render(settings_with())
     vault = r.one("Vault").get("properties")
     assert vault["enableRbacAuthorization"] is True and vault["enableSoftDelete"] is True
-    assert vault["enablePurgeProtection"] is True and vault["tenantId"] == "11111111-1111-1111-1111-111111111111"
+    assert vault["tenantId"] == "11111111-1111-1111-1111-111111111111"
+    assert "enablePurgeProtection" not in vault  # dev: tear down at will [rule kv-purge-teardown]
     secrets = {s.get("secretName"): s for s in r.by_type("keyvault:Secret")}
     assert secrets["hf-token"].get("properties.value") == "hf_test_token_value"
     assert secrets["inference-api-keys"].get("properties.value") == "key-one,key-two"
     assert all("properties" in s.secret_paths for s in secrets.values())
-    grant = r.one("RoleAssignment")
-    assert grant.get("roleDefinitionId").endswith(KEY_VAULT_SECRETS_USER)
-    assert grant.get("principalType") == "ServicePrincipal"
+    vault_id = r.one("Vault").get("id", "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/"
+                                       "rg-lorastack-dev/providers/Microsoft.KeyVault/vaults/" + r.one("Vault")
+                                       .get("vaultName"))
+    grants = {g.get("scope"): g for g in r.by_type("RoleAssignment")}
+    assert set(grants) == {f"{vault_id}/secrets/hf-token", f"{vault_id}/secrets/inference-api-keys"}
+    for g in grants.values():
+        assert g.get("roleDefinitionId").endswith(KEY_VAULT_SECRETS_USER)
+        assert g.get("principalType") == "ServicePrincipal"
 
 
 def test_job_and_app_reference_key_vault_by_url_and_identity(offline):
     """PAN#2673: a Key Vault secret needs keyVaultUrl *and* identity, or ACA refuses it."""
     r = offline.render(settings_with())
-    uai_id = "/mock/UserAssignedIdentity/id-lorastack-unit"
+    uai_id = UAI_ID
     for res, names in ((r.one("Job"), {"hf-token"}), (r.one("ContainerApp"), {"hf-token", "api-keys"})):
         secrets = {s["name"]: s for s in res.get("configuration.secrets")}
         assert set(secrets) == names
         for s in secrets.values():
-            assert s["keyVaultUrl"].startswith("https://kv-unit-") and "/secrets/" in s["keyVaultUrl"]
+            assert s["keyVaultUrl"].startswith("https://kv-dev-") and "/secrets/" in s["keyVaultUrl"]
             assert s["identity"] == uai_id and "value" not in s
         assert res.get("identity") == {"type": "UserAssigned", "userAssignedIdentities": [uai_id]}
 
@@ -144,23 +166,27 @@ def test_guard_aca_733_identity_and_grants_exist_before_job_and_app(offline):
     """ACA#733/#1174: a system identity cannot be granted in time; the UAI's role assignments come first."""
     r = offline.render(settings_with(images={"registry": {"server": "acme.azurecr.io", "resourceId": ACR_ID}}))
     grants = {g.urn for g in r.by_type("RoleAssignment")}
-    assert len(grants) == 2
+    assert len(grants) == 3  # one per secret, AcrPull
     assert {g.get("roleDefinitionId").rsplit("/", 1)[-1] for g in r.by_type("RoleAssignment")} == {
         KEY_VAULT_SECRETS_USER, ACR_PULL}
     for res in (r.one("Job"), r.one("ContainerApp")):
         assert grants <= set(res.dependencies)
         assert res.get("configuration.registries") == [
-            {"server": "acme.azurecr.io", "identity": "/mock/UserAssignedIdentity/id-lorastack-unit"}]
+            {"server": "acme.azurecr.io", "identity": UAI_ID}]
 
 
 def test_bring_your_own_key_vault(offline):
     r = offline.render(settings_with(hfToken=None, inferenceApiKeys=None,
                                      keyVault={"existingId": KV_ID, "hfTokenSecretName": "t-hf"}), secret_keys=[])
     assert not r.by_type("keyvault:Vault") and not r.by_type("keyvault:Secret")
-    assert r.one("RoleAssignment").get("scope") == KV_ID
+    # [rule kv-least-privilege] the identity reads its two secrets, not the whole (shared) vault
+    assert {g.get("scope") for g in r.by_type("RoleAssignment")} == {f"{KV_ID}/secrets/t-hf",
+                                                                     f"{KV_ID}/secrets/inference-api-keys"}
     secrets = {s["name"]: s["keyVaultUrl"] for s in r.one("ContainerApp").get("configuration.secrets")}
     assert secrets["hf-token"] == "https://kv-platform.vault.azure.net/secrets/t-hf"
     assert r.outputs["keyVaultName"] == "kv-platform"
+    read = next(c for c in r.mocks.calls if c.token == "azure-native:keyvault:getVault")  # read, never modified
+    assert read.args == {"resourceGroupName": "rg-platform", "vaultName": "kv-platform"}
 
 
 # --- training job --------------------------------------------------------------------------------------------
@@ -172,7 +198,7 @@ def test_training_job_inputs(offline):
     assert cfg["manualTriggerConfig"] == {"parallelism": 1, "replicaCompletionCount": 1}
     assert job.get("workloadProfileName") == "gpu-a100"
     c = container(job)
-    assert c["image"] == "ghcr.io/lorastack/trainer:0.1.0"
+    assert c["image"] == BASE["images"]["trainer"]
     # the image's entrypoint (`lorastack train --store $LORASTACK_STORE`, claiming the next queued run) is kept
     assert "command" not in c and "args" not in c
     assert env_vars(job)["LORASTACK_STORE"]["value"] == "/mnt/store"
@@ -182,7 +208,7 @@ def test_training_job_inputs(offline):
     # the image runs as UID 10001: the SMB mount must be owned by it, or the trainer cannot write checkpoints
     assert job.get("template.volumes") == [
         {"name": "store", "storageType": "AzureFile", "storageName": "store-k1",
-         "mountOptions": "uid=10001,gid=10001,mfsymlinks"}
+         "mountOptions": "uid=10001,gid=10001,mfsymlinks,nobrl"}
     ]
 
 
@@ -224,7 +250,7 @@ def test_inference_app_ingress_scale_and_mount(offline):
 
 def test_guard_startup_probe_sized_for_model_load(offline):
     """The AI Toolkit probes `/` with a ~160 s startup window; a several-minute model load needs more."""
-    r = offline.render(settings_with())  # modelLoadSeconds defaults to 600
+    r = offline.render(settings_with(inference={"minReplicas": 1, "modelLoadSeconds": 600}))
     probes = {p["type"]: p for p in container(r.one("ContainerApp"))["probes"]}
     s = probes["Startup"]
     assert s["initialDelaySeconds"] + s["periodSeconds"] * s["failureThreshold"] >= 600
@@ -238,8 +264,10 @@ def test_entra_sign_in(offline):
         "clientId": "22222222-2222-2222-2222-222222222222", "tenantId": "11111111-1111-1111-1111-111111111111"}}))
     auth = r.one("ContainerAppsAuthConfig")
     assert auth.get("platform.enabled") is True
-    assert auth.get("globalValidation.unauthenticatedClientAction") == "Return401"
-    assert "/healthz" in auth.get("globalValidation.excludedPaths")
+    # [rule easy-auth-browser] a browser is sent to sign in; /v1 is excluded and answers its own 401 (API key)
+    assert auth.get("globalValidation.unauthenticatedClientAction") == "RedirectToLoginPage"
+    assert auth.get("globalValidation.redirectToProvider") == "azureactivedirectory"
+    assert {"/healthz", "/readyz", "/v1/*"} <= set(auth.get("globalValidation.excludedPaths"))
     aad = auth.get("identityProviders.azureActiveDirectory")
     assert aad["registration"]["openIdIssuer"] == "https://login.microsoftonline.com/11111111-1111-1111-1111-111111111111/v2.0"
     assert container(r.one("ContainerApp"))["args"][-1] == "--trust-easy-auth"  # the UI reads Easy Auth headers
@@ -266,11 +294,11 @@ def test_outputs_map_to_ai_toolkit_keys_and_hold_no_secret(offline):
     assert "hf_test_token_value" not in flat and "mock-key-1" not in flat and "key-one" not in flat
     cfg = ai_toolkit_configs(r.outputs)
     assert cfg["finetuning.config.json"] == {
-        "SUBSCRIPTION_ID": "00000000-0000-0000-0000-000000000000", "RESOURCE_GROUP_NAME": "rg-lorastack-unit",
+        "SUBSCRIPTION_ID": "00000000-0000-0000-0000-000000000000", "RESOURCE_GROUP_NAME": "rg-lorastack-dev",
         "STORAGE_ACCOUNT_NAME": r.outputs["storageAccountName"], "FILE_SHARE_NAME": "store",
-        "ACA_JOB_NAME": "lorastack-unit-train"}
+        "ACA_JOB_NAME": "lorastack-dev-train"}
     assert cfg["inference.config.json"]["ACA_APP_ENDPOINT"] == (
-        "https://lorastack-unit-serve.mock.westus3.azurecontainerapps.io")
+        "https://lorastack-dev-serve.mock.westus3.azurecontainerapps.io")
     assert r.outputs["storeMountPath"] == "/mnt/store"
 
 
@@ -296,3 +324,78 @@ def test_protect_follows_settings(offline):
     protected = {x.type.split(":")[-1] for x in r.resources if x.protect}
     assert protected == {"ResourceGroup", "ManagedEnvironment", "StorageAccount", "FileShare", "Vault"}
     assert not any(x.protect for x in offline.render(settings_with()).resources)
+
+
+# --- reuse what exists (read with get functions, never modified) ----------------------------------------------
+ENV_ID = ("/subscriptions/s/resourceGroups/rg-shared/providers/Microsoft.App/managedEnvironments/cae-shared")
+LAW_ID = ("/subscriptions/s/resourceGroups/rg-shared/providers/Microsoft.OperationalInsights/workspaces/law-shared")
+
+
+def test_bring_your_own_environment_is_read_not_created(offline):
+    r = offline.render(settings_with(environment={"existingId": ENV_ID}))
+    assert not r.by_type("ManagedEnvironment") and not r.by_type("Workspace") and not r.by_type("DiagnosticSetting")
+    call = next(c for c in r.mocks.calls if c.token == "azure-native:app:getManagedEnvironment")
+    assert call.args == {"resourceGroupName": "rg-shared", "environmentName": "cae-shared"}
+    env_id = ("/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/rg-shared/providers/"
+              "Microsoft.App/managedEnvironments/cae-shared")
+    assert r.one("Job").get("environmentId") == r.one("ContainerApp").get("environmentId") == env_id
+    assert {x.get("resourceGroupName") for x in r.by_type("ManagedEnvironmentsStorage")} == {"rg-shared"}
+
+
+def test_bring_your_own_environment_without_the_profile_is_refused(offline):
+    import pulumi
+
+    only_a100 = {"azure-native:app:getManagedEnvironment": {"workloadProfiles": [
+        {"name": "Consumption", "workloadProfileType": "Consumption"},
+        {"name": "gpu-a100", "workloadProfileType": "Consumption-GPU-NC24-A100"}]}}
+    with pytest.raises(pulumi.RunError, match="it has no workload profile 'gpu-t4' of type Consumption-GPU-NC8as-T4"):
+        offline.render(settings_with(environment={"existingId": ENV_ID}), existing=only_a100)
+
+
+def test_bring_your_own_storage_account_and_share_adds_only_the_links(offline):
+    r = offline.render(settings_with(store={"existing": True, "accountName": "corpmodels", "resourceGroup": "rg-data",
+                                            "shareName": "lorastack"}))
+    assert not r.by_type("StorageAccount") and not r.by_type("FileShare") and not r.by_type("FileServiceProperties")
+    links = r.by_type("ManagedEnvironmentsStorage")
+    assert {x.get("properties.azureFile.shareName") for x in links} == {"lorastack"}
+    assert {x.get("properties.azureFile.accountName") for x in links} == {"corpmodels"}
+    keys = [c for c in r.mocks.calls if c.token == "azure-native:storage:listStorageAccountKeys"]
+    assert keys and keys[0].args["resourceGroupName"] == "rg-data"
+    assert r.outputs["storageAccountName"] == "corpmodels" and r.outputs["fileShareName"] == "lorastack"
+
+
+def test_bring_your_own_log_analytics_workspace(offline):
+    r = offline.render(settings_with(logs={"existingWorkspaceId": LAW_ID}))
+    assert not r.by_type("Workspace")
+    assert r.one("DiagnosticSetting").get("workspaceId").endswith("/workspaces/law-shared")
+
+
+# --- Azure ML (issue 12) -------------------------------------------------------------------------------------
+def test_azureml_workspace_low_priority_cluster_and_store_datastore(offline):
+    r = offline.render(settings_with(azureml={"lowPriority": True, "maxNodes": 2}))
+    ws = next(x for x in r.resources if x.type == "azure-native:machinelearningservices:Workspace")
+    assert ws.get("workspaceName") == "mlw-lorastack-dev" and ws.get("keyVault").endswith("/vaults/" + r.outputs[
+        "keyVaultName"])
+    assert ws.get("primaryUserAssignedIdentity") == UAI_ID
+    compute = next(x for x in r.resources if x.type == "azure-native:machinelearningservices:Compute")
+    props = compute.get("properties.properties")
+    assert props["vmPriority"] == "LowPriority" and props["vmSize"] == "Standard_NC24ads_A100_v4"
+    assert props["scaleSettings"] == {"minNodeCount": 0, "maxNodeCount": 2, "nodeIdleTimeBeforeScaleDown": "PT1800S"}
+    assert compute.get("identity") == {"type": "UserAssigned", "userAssignedIdentities": [UAI_ID]}
+    ds = next(x for x in r.resources if x.type == "azure-native:machinelearningservices:Datastore")
+    assert ds.get("properties.fileShareName") == "store" and ds.get("properties.accountName") == r.outputs[
+        "storageAccountName"]
+    assert ds.get("properties.credentials.secrets.key") == "mock-key-1==" and "properties" in ds.secret_paths
+    assert (r.outputs["amlWorkspaceName"], r.outputs["amlComputeName"], r.outputs["amlDatastoreName"]) == (
+        "mlw-lorastack-dev", "gpu-cluster", "lorastack_store")
+    assert not r.secret_outputs
+    plain = offline.render(settings_with())
+    assert not [x for x in plain.resources if "machinelearningservices" in x.type]
+    from provisioning import policies
+    from provisioning.guardrails import Guardrails
+    from provisioning.plan import to_policy_resources
+
+    prod = offline.render(settings_with(tier="prod", protect=True, logs={"retentionDays": 90},
+                                        store={"softDeleteDays": 14}, azureml={}))
+    assert not any(policies.evaluate(to_policy_resources(prod.resources), Guardrails()).values())
+    assert plain.outputs["amlWorkspaceName"] == ""

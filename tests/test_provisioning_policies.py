@@ -107,16 +107,32 @@ def test_dev_need_not_be_protected(offline):
     assert violations(rendered(offline), "prod-data-protected") == []
 
 
+TEAM = {"tier": "team", "hfToken": None, "inferenceApiKeys": None}
+
+
+def team_rendered(offline, **changes):
+    return to_policy_resources(offline.render(settings_with(**TEAM, **changes), secret_keys=[]).resources)
+
+
 def test_self_service_limits(offline):
-    team = rendered(offline, tier="team", location="eastus", inference={"maxReplicas": 5},
-                    training={"gpuProfile": "NC24-A100", "replicaTimeoutSeconds": 43200})
-    found = violations(team, "self-service-limits")
+    team = team_rendered(offline)
+    assert violations(team, "self-service-limits") == []
+
+    def widen(p):
+        p["location"] = "eastus"
+        p["template"]["scale"]["maxReplicas"] = 5
+        p["workloadProfileName"] = "nc24-a100"
+
+    bad = mutate(mutate(team, policies.T_APP, widen), policies.T_JOB,
+                 lambda p: p["configuration"].update(replicaTimeout=43200))
+    found = violations(bad, "self-service-limits")
     assert any("location 'eastus' is not allowed for team stacks" in m for m in found)
-    assert any("GPU profile 'NC24-A100' is not allowed" in m for m in found)
+    assert any("workload profile 'nc24-a100' is not allowed for team stacks" in m for m in found)
     assert any("maxReplicas 5 is above the team limit of 2" in m for m in found)
     assert any("replicaTimeout 43200 s is above the team limit" in m for m in found)
     # the same settings on a platform stack are not a team's business
-    assert violations(rendered(offline, location="eastus", inference={"maxReplicas": 5}), "self-service-limits") == []
+    dev = mutate(rendered(offline), policies.T_APP, widen)
+    assert violations(dev, "self-service-limits") == []
 
 
 def test_policy_pack_objects_report_the_same_violations(offline):

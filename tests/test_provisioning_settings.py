@@ -184,9 +184,9 @@ def test_existing_key_vault_makes_config_secrets_optional():
 
 
 @pytest.mark.parametrize("changes, needle", [
-    ({"store": {"protocol": "nfs", "tier": "Premium"}}, "lorastack:store.protocol: 'nfs' needs VNet integration"),
-    ({"store": {"protocol": "nfs"}, "network": {"addressSpace": "10.0.0.0/16", "infrastructureSubnet": "10.0.0.0/23"}},
-     "lorastack:store.tier: 'Standard' cannot hold NFS shares; allowed: 'Premium'"),
+    # issue 9: NFS stores cannot be written by the CLI (no Files REST API on NFS shares)
+    ({"store": {"protocol": "nfs", "tier": "Premium", "quotaGiB": 100}},
+     "lorastack:store.protocol: 'nfs' cannot be used: the Files REST API is not available on NFS shares"),
     ({"network": {"addressSpace": "10.0.0.0/16", "infrastructureSubnet": "10.0.0.0/28"}},
      "lorastack:network.infrastructureSubnet: '10.0.0.0/28' is too small"),
     ({"network": {"addressSpace": "10.0.0.0/16", "infrastructureSubnet": "10.9.0.0/23"}},

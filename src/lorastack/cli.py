@@ -136,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stack", required=True, metavar="NAME", help="stack name (stacks/Pulumi.<NAME>.yaml)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--project-dir", metavar="DIR", help="directory holding Pulumi.yaml (default: search upwards)")
+    p.add_argument(
+        "--against",
+        metavar="STATE.json",
+        help="the live stack (`pulumi stack export` or `pulumi stack output --json`): report changes Azure refuses",
+    )
 
     p = sub.add_parser("stack", help="self-service stacks")
     stack_sub = p.add_subparsers(dest="stack_command", metavar="ACTION", required=True)
