@@ -370,8 +370,9 @@ def format_result(result: dict[str, Any], max_chars: int = 70) -> str:
     labels = list(result["metrics"])
     keys = ("loss", "perplexity", "token_accuracy", TEXT_METRIC, "examples", "tokens")
     width = max(14, *(len(lbl) + 2 for lbl in labels))
-    lines = [f"{result['adapter']} against {result['against']} on "
-             + ", ".join(Path(d["path"]).name for d in result["data"]), ""]
+    shown = [d["path"] if "/datasets/" not in d["path"] else f"the run's validation data ({d['sha256'][:12]})"
+             for d in result["data"]]
+    lines = [f"{result['adapter']} against {result['against']} on " + ", ".join(shown), ""]
     lines.append(f"{'metric':<16}" + "".join(f"{lbl:>{width}}" for lbl in labels))
     for key in keys:
         cells = []

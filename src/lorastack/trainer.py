@@ -120,6 +120,9 @@ def quiet_libraries(verbose: bool = False) -> None:
     if verbose:
         log.setLevel(logging.DEBUG)
         return
+    # transformers 5 renames gradient_checkpointing* to activation_checkpointing* in v6; TRL/peft still use the
+    # old names, so the FutureWarning is noise for our users.
+    warnings.filterwarnings("ignore", message=r".*gradient_checkpointing\w*` is deprecated", category=FutureWarning)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

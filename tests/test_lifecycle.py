@@ -1,0 +1,349 @@
+"""The adapter lifecycle on a local store: promotion, rollback, deletion, pull, runs, status, locks, crash safety.
+
+Fast tests drive the real Store and the real `lorastack` commands on adapters published from small PEFT-shaped
+directories; crash tests SIGKILL a real publishing process at each injected point (lorastack.store.fault_point)
+and check that the re-run leaves exactly one version. Slow tests at the end train tiny models for real.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from lorastack.cli import main
+from lorastack.store import LATEST, PROMOTIONS, LockHeldError, Store, StoreError
+
+REPO = Path(__file__).resolve().parents[1]
+SRC = REPO / "src"
+
+
+def _src(tmp_path: Path, payload: bytes = b"w") -> Path:
+    d = tmp_path / f"src-{payload.hex()[:12]}"
+    d.mkdir(exist_ok=True)
+    (d / "adapter_config.json").write_text(json.dumps({"r": 8}))
+    (d / "adapter_model.safetensors").write_bytes(payload)
+    return d
+
+
+def _publish(store: Store, tmp_path: Path, n: int, *, promote: bool = True, name: str = "plants") -> str:
+    return store.publish_adapter(
+        name, _src(tmp_path, f"weights-{n}".encode()), {"run_id": f"{name}-run{n}", "base_model": "tiny"},
+        promote=promote,
+    ).version
+
+
+def _history(store: Store, name: str = "plants") -> list[tuple[str, str]]:
+    return [(e["action"], e["version"]) for e in store.promotions(name)]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Promotion, rollback, deletion (store)
+# ------------------------------------------------------------------------------------------------------------
+def test_an_unpromoted_version_is_published_but_not_served(store, tmp_path):
+    assert _publish(store, tmp_path, 1) == "v1"
+    assert _publish(store, tmp_path, 2, promote=False) == "v2"
+    assert store.latest_version("plants") == "v1"  # the server keeps serving v1
+    assert store.adapter("plants@v2").manifest["run_id"] == "plants-run2"  # but v2 is there, verified
+    assert _history(store) == [("promote", "v1")]
+
+
+def test_promote_then_rollback_twice_walks_back_through_promotions(store, tmp_path):
+    for n in (1, 2, 3):
+        _publish(store, tmp_path, n)
+    store.promote("plants", "v1", "back to the first")
+    assert store.latest_version("plants") == "v1"
+    assert store.rollback("plants") == "v3"  # undoes the hand promotion
+    assert store.rollback("plants") == "v2"
+    assert store.rollback("plants") == "v1"
+    with pytest.raises(StoreError, match="nothing to roll back to"):
+        store.rollback("plants")
+    # promotions.json is written before LATEST moves, so it always explains LATEST
+    assert store.promotions("plants")[-1]["version"] == store.latest_version("plants")
+
+
+def test_delete_refuses_the_latest_version_unless_forced_and_then_latest_rolls_back(store, tmp_path):
+    for n in (1, 2):
+        _publish(store, tmp_path, n)
+    with pytest.raises(StoreError, match="LATEST names"):
+        store.delete_version("plants", "v2")
+    assert store.adapter("plants").version == "v2"
+    assert store.delete_version("plants", "v1") == "v2"  # an older version goes without --force
+    _publish(store, tmp_path, 3)
+    assert store.delete_version("plants", "v3", force=True) == "v2"
+    assert store.adapter_versions("plants") == ["v2"]
+    assert store.delete_version("plants", "v2", force=True) is None
+    assert not (store.adapters_dir / "plants" / LATEST).exists()
+
+
+def test_promote_refuses_a_corrupt_version(store, tmp_path):
+    _publish(store, tmp_path, 1)
+    _publish(store, tmp_path, 2, promote=False)
+    (store.adapters_dir / "plants" / "v2" / "adapter_model.safetensors").write_bytes(b"tampered")
+    with pytest.raises(StoreError, match="sha256"):
+        store.promote("plants", "v2")
+    assert store.latest_version("plants") == "v1"
+
+
+def test_publishing_the_same_run_twice_gives_one_version(store, tmp_path):
+    first = store.publish_adapter("plants", _src(tmp_path, b"a"), {"run_id": "plants-abc"})
+    again = store.publish_adapter("plants", _src(tmp_path, b"a"), {"run_id": "plants-abc"})
+    assert first.version == again.version == "v1"
+    assert store.adapter_versions("plants") == ["v1"] and _history(store) == [("promote", "v1")]
+
+
+def test_concurrent_publishes_never_collide_and_latest_never_moves_backwards(store, tmp_path):
+    srcs = [_src(tmp_path, f"p{i}".encode()) for i in range(8)]
+    versions: list[str] = []
+    threads = [
+        threading.Thread(target=lambda s=s, i=i: versions.append(
+            store.publish_adapter("plants", s, {"run_id": f"plants-{i}"}).version))
+        for i, s in enumerate(srcs)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(versions, key=lambda v: int(v[1:])) == [f"v{i}" for i in range(1, 9)]
+    assert store.latest_version("plants") == "v8"
+    promoted = [int(v[1:]) for a, v in _history(store) if a == "promote"]
+    assert promoted == sorted(promoted)  # each move went forward
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Crash safety: SIGKILL at every publish step, then the re-run
+# ------------------------------------------------------------------------------------------------------------
+_PUBLISHER = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    from lorastack.store import Store
+    store, src = Store(sys.argv[1]), Path(sys.argv[2])
+    a = store.publish_adapter("plants", src, {"run_id": "plants-crashy", "base_model": "tiny"})
+    print(a.version)
+    """
+)
+
+
+def _run_publisher(store: Store, src: Path, fault: str | None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    env.pop("LORASTACK_FAULT_AT", None)
+    if fault:
+        env["LORASTACK_FAULT_AT"] = fault
+    return subprocess.run([sys.executable, "-c", _PUBLISHER, str(store.root), str(src)], env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+@pytest.mark.parametrize(
+    "fault", ["publish:staged", "write:manifest.json", "publish:renamed", "write:promotions.json",
+              "latest:history", "write:LATEST", "publish:promoted"],
+)
+def test_sigkill_at_any_publish_step_then_rerun_leaves_exactly_one_version(store, tmp_path, fault):
+    """Issue 11: a crash between publish steps must not duplicate the adapter, and leaves no leftovers."""
+    _publish(store, tmp_path, 0, name="plants")  # an earlier version: LATEST v1 before the crashing run
+    src = _src(tmp_path, b"crashy")
+    killed = _run_publisher(store, src, fault)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert store.latest_version("plants") in ("v1", "v2")  # never a half state
+    rerun = _run_publisher(store, src, None)
+    assert rerun.returncode == 0, rerun.stderr
+    assert rerun.stdout.strip() == "v2"
+    assert store.adapter_versions("plants", include_unverified=True) == ["v1", "v2"]
+    assert store.adapter("plants").version == "v2"  # verified and served
+    assert _history(store) == [("promote", "v1"), ("promote", "v2")]  # the move is recorded once
+    leftovers = [p.name for p in (store.adapters_dir / "plants").iterdir() if p.name.startswith(".tmp-")]
+    assert leftovers == []
+
+
+def test_leftovers_of_a_live_writer_are_kept(store, tmp_path):
+    _publish(store, tmp_path, 1)
+    from lorastack.store import _owner_tag
+
+    live = store.adapters_dir / "plants" / f".tmp-{_owner_tag()}-0123abcd"  # this process: alive
+    live.mkdir()
+    _publish(store, tmp_path, 2)
+    assert live.is_dir()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# One trainer per run: the lock
+# ------------------------------------------------------------------------------------------------------------
+def test_a_second_holder_is_refused_with_who_holds_it(store):
+    first = store.run_lock("plants-abc").acquire()
+    try:
+        with pytest.raises(LockHeldError, match=rf"pid {os.getpid()} on .*one trainer per run"):
+            store.run_lock("plants-abc").acquire()
+        assert store.run_lock_holder("plants-abc")["alive"] is True
+    finally:
+        first.release()
+    assert store.run_lock_holder("plants-abc") is None
+
+
+def test_a_dead_holders_lock_is_taken_over(store):
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()  # a pid that is gone
+    from lorastack.store import _host
+
+    lock_file = store.run_dir("plants-abc") / "lock"
+    lock_file.parent.mkdir(parents=True)
+    lock_file.write_text(json.dumps({"pid": proc.pid, "host": _host(), "token": "t", "heartbeat_ts": time.time()}))
+    assert store.run_lock_holder("plants-abc")["alive"] is False
+    with store.run_lock("plants-abc"):
+        assert store.run_lock_holder("plants-abc")["pid"] == os.getpid()
+
+
+def test_a_lock_with_a_stale_heartbeat_on_another_host_is_taken_over(store, monkeypatch):
+    lock_file = store.run_dir("plants-abc") / "lock"
+    lock_file.parent.mkdir(parents=True)
+    lock_file.write_text(json.dumps({"pid": 1, "host": "replica-elsewhere", "token": "t",
+                                     "heartbeat_ts": time.time() - 5}))
+    monkeypatch.setenv("LORASTACK_LOCK_STALE_S", "60")
+    with pytest.raises(LockHeldError, match="replica-elsewhere"):
+        store.run_lock("plants-abc").acquire()  # fresh enough: that replica may still be training
+    monkeypatch.setenv("LORASTACK_LOCK_STALE_S", "2")
+    with store.run_lock("plants-abc") as lock:
+        assert json.loads(lock_file.read_text())["token"] == lock.token
+
+
+def test_the_heartbeat_keeps_a_held_lock_fresh(store, monkeypatch):
+    monkeypatch.setenv("LORASTACK_LOCK_STALE_S", "0.6")
+    with store.run_lock("plants-abc"):
+        time.sleep(1.0)  # longer than the stale age: only the heartbeat keeps it
+        holder = store.run_lock_holder("plants-abc")
+        assert holder["alive"] and holder["heartbeat_age_s"] < 0.6
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The commands: lorastack adapters / runs / status on a local store
+# ------------------------------------------------------------------------------------------------------------
+def test_adapters_commands_list_promote_rollback_delete(store, tmp_path, capsys):
+    for n, promote in ((1, True), (2, True), (3, False)):
+        _publish(store, tmp_path, n, promote=promote)
+    s = ["--store", str(store.root)]
+    assert main(["adapters", "list", *s]) == 0
+    out = capsys.readouterr().out
+    assert "plants  (LATEST: v2)" in out and "* v2" in out and "  v3" in out
+    assert main(["adapters", "promote", "plants@v3", *s]) == 0
+    assert "plants@v3 is now LATEST" in capsys.readouterr().out
+    assert main(["adapters", "rollback", "plants", *s]) == 0
+    assert "from v3 to v2" in capsys.readouterr().out
+    assert main(["adapters", "delete", "plants@v2", *s]) == 1
+    assert "LATEST names" in capsys.readouterr().err and store.latest_version("plants") == "v2"
+    assert main(["adapters", "delete", "plants@v2", "--force", *s]) == 0
+    assert store.latest_version("plants") == "v1" and store.adapter_versions("plants") == ["v1", "v3"]
+    assert main(["adapters", "promote", "plants", *s]) == 1
+    assert "needs a version" in capsys.readouterr().err
+    assert main(["adapters", "show", "plants", "--json", *s]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["ref"] == "plants@v1" and shown["latest"] and shown["verified"] == "ok"
+    assert [e["action"] for e in shown["promotions"]][-1] == "rollback"
+
+
+def test_adapters_pull_to_a_directory_and_into_another_store(store, tmp_path, capsys):
+    _publish(store, tmp_path, 1)
+    dest = tmp_path / "pulled"
+    assert main(["adapters", "pull", "plants", "--to", str(dest), "--store", str(store.root)]) == 0
+    assert (dest / "adapter_model.safetensors").read_bytes() == b"weights-1"
+    assert (dest / "manifest.json").is_file()
+    assert main(["adapters", "pull", "plants", "--to", str(dest), "--store", str(store.root)]) == 1
+    assert "not empty" in capsys.readouterr().err
+    other = tmp_path / "other-store"
+    for _ in range(2):  # pulling twice is one version there (same run id)
+        assert main(["adapters", "pull", "plants@v1", "--to-store", str(other), "--promote",
+                     "--store", str(store.root)]) == 0
+    there = Store(other)
+    assert there.adapter_versions("plants") == ["v1"] and there.adapter("plants").manifest["run_id"] == "plants-run1"
+
+
+def test_runs_list_show_rm_and_status_on_a_local_store(store, tmp_path, capsys):
+    from lorastack.progress import RunReporter
+
+    RunReporter(store, "plants-abc").update("training", step=3, max_steps=10, loss=1.5)
+    s = ["--store", str(store.root)]
+    assert main(["runs", "list", *s]) == 0
+    assert "plants-abc" in capsys.readouterr().out
+    assert main(["status", *s]) == 0
+    assert "plants-abc" in capsys.readouterr().out
+    assert main(["status", "plants-abc", "--json", *s]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 3
+    with store.run_lock("plants-abc"):  # a live trainer
+        assert main(["runs", "rm", "plants-abc", *s]) == 1
+        assert "being trained by pid" in capsys.readouterr().err
+    assert main(["runs", "rm", "plants-abc", *s]) == 0
+    assert store.run_ids() == []
+    assert main(["runs", "show", "plants-abc", *s]) == 1
+
+
+def test_adapters_with_outputs_go_to_the_cloud_store(tmp_path, monkeypatch, capsys):
+    """--outputs (or $LORASTACK_OUTPUTS) without --store hands the command to the cloud implementation."""
+    from lorastack.commands import cloud
+
+    seen = []
+    monkeypatch.setattr(cloud, "adapters_command", lambda args: seen.append(args.adapters_command) or 0,
+                        raising=False)
+    assert main(["adapters", "list", "--outputs", str(tmp_path / "outputs.json")]) == 0
+    assert seen == ["list"]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Held-out split
+# ------------------------------------------------------------------------------------------------------------
+def _lines_file(tmp_path: Path, n: int) -> Path:
+    f = tmp_path / f"train-{n}.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(n)]
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return f
+
+
+@pytest.mark.parametrize(("n", "held"), [(30, 3), (11, 1), (15, 2), (100, 10), (10, 0)])
+def test_hold_out_is_seeded_ten_percent_never_below_the_training_minimum(store, tmp_path, n, held, caplog):
+    from lorastack import trainer
+
+    split = trainer.hold_out(store, _lines_file(tmp_path, n), 0.1, seed=42)
+    if held == 0:
+        assert split is None
+        return
+    train_part = store.dataset_path(split["training"]).read_text().splitlines()
+    val_part = store.dataset_path(split["validation"]).read_text().splitlines()
+    assert len(val_part) == held and len(train_part) == n - held >= 10
+    assert not set(train_part) & set(val_part)
+    assert split == trainer.hold_out(store, _lines_file(tmp_path, n), 0.1, seed=42)  # same seed, same split
+    assert split["validation"] != trainer.hold_out(store, _lines_file(tmp_path, n), 0.1, seed=7)["validation"]
+
+
+def test_spec_promote_policy_and_new_training_keys(tmp_path):
+    from lorastack.spec import SpecError, load_spec
+
+    train = _lines_file(tmp_path, 12)
+    job = tmp_path / "j.yaml"
+    job.write_text(f"name: x\nbase_model: m\ntraining_file: {train}\npromote: sometimes\n")
+    with pytest.raises(SpecError, match="promote: must be one of 'always', 'if_better' or 'never', got 'sometimes'"):
+        load_spec(job)
+    job.write_text(f"name: x\nbase_model: m\ntraining_file: {train}\n"
+                   "training: {early_stopping_patience: 2, keep_best: true, holdout: 0.2, keep_checkpoints: 1}\n")
+    spec = load_spec(job)
+    assert spec.promote_policy(has_validation=True) == "if_better"
+    assert spec.promote_policy(has_validation=False) == "always"
+    before = spec.run_id()
+    again = load_spec(job, {"promote": "never", "training.keep_checkpoints": 0})
+    assert again.run_id() == before  # promotion and pruning do not change the weights: same run
+
+
+def test_max_seq_len_beyond_the_models_context_is_refused(tiny_llama, store, tmp_path):
+    from lorastack import trainer
+    from lorastack.spec import load_spec
+
+    job = tmp_path / "j.yaml"
+    job.write_text(f"name: x\nbase_model: {tiny_llama}\ntraining_file: {_lines_file(tmp_path, 12)}\n"
+                   "max_seq_len: 4096\n")
+    with pytest.raises(trainer.TrainerError, match=r"max_seq_len 4096 is longer than the context .* \(1024 tokens\)"):
+        trainer.check_context_length(load_spec(job), store)
