@@ -347,3 +347,310 @@ def test_max_seq_len_beyond_the_models_context_is_refused(tiny_llama, store, tmp
                    "max_seq_len: 4096\n")
     with pytest.raises(trainer.TrainerError, match=r"max_seq_len 4096 is longer than the context .* \(1024 tokens\)"):
         trainer.check_context_length(load_spec(job), store)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Slow: real QLoRA runs on the tiny models
+# ------------------------------------------------------------------------------------------------------------
+def _finetune(job: Path, store: Store, **kw) -> int:
+    from test_trainer import finetune_args
+
+    from lorastack.commands import train as train_cmd
+
+    return train_cmd.finetune_command(finetune_args(job, store, **kw))
+
+
+def _results_steps(store: Store, run_id: str) -> list[int]:
+    from test_trainer import results_rows
+
+    return [int(r["step"]) for r in results_rows(store, run_id)]
+
+
+def _inject_signal(monkeypatch, *, at_step: int | None = None, in_eval: bool = False,
+                   sig: int = signal.SIGTERM) -> list[str]:
+    """Send ``sig`` to this process from inside the real training loop: when step ``at_step`` begins, or at the
+    first evaluation batch. Returns the events seen after the signal (evaluation batches, steps)."""
+    from transformers import TrainerCallback
+
+    from lorastack import trainer
+
+    events: list[str] = []
+    real_build = trainer._build_run_trainer
+
+    class SendSignal(TrainerCallback):
+        sent = False
+
+        def on_step_begin(self, args, state, control, **kw):
+            if self.sent:
+                events.append(f"step {state.global_step + 1}")
+            elif at_step is not None and state.global_step + 1 == at_step:
+                self.sent = True
+                os.kill(os.getpid(), sig)
+
+        def on_prediction_step(self, args, state, control, **kw):
+            if self.sent:
+                events.append("eval batch")
+            elif in_eval:
+                self.sent = True
+                os.kill(os.getpid(), sig)
+
+    def build(*a, **k):
+        built = real_build(*a, **k)
+        built.add_callback(SendSignal())
+        return built
+
+    monkeypatch.setattr(trainer, "_build_run_trainer", build)
+    return events
+
+
+@pytest.mark.slow
+def test_finetune_eval_promote_rollback_the_whole_loop(tmp_path, store, tiny_llama, capsys):
+    """Done-when of issue 7: fine-tune, eval against the base (the adapter wins on held-out data of its domain),
+    if_better promotes it; a worse run is kept out of LATEST; promote by hand; roll back."""
+    from test_trainer import PLANT_TRAIN, PLANT_VAL, write_job
+
+    job = write_job(tmp_path, tiny_llama, name="plants", max_steps=16)
+    assert _finetune(job, store) == 0
+    out = capsys.readouterr().out
+    assert "plants@v1 is now LATEST (promote: if_better)" in out
+    v1 = store.adapter("plants")
+    promo = v1.manifest["promotion"]
+    assert promo["policy"] == "if_better" and promo["verdict"] == "promoted" and promo["baseline"] == "base"
+    assert promo["candidate_loss"] < promo["baseline_loss"]
+    system = json.loads(PLANT_TRAIN.read_text().splitlines()[0])["messages"][0]["content"]
+    assert v1.manifest["system_prompt"] == system
+    run_a = v1.manifest["run_id"]
+    assert not any(store.checkpoints_dir(run_a).iterdir())  # pruned after the publish (keep_checkpoints: 0)
+
+    # The model card says what it is and how to load it.
+    card = (v1.path / "README.md").read_text()
+    for expected in (str(tiny_llama), v1.manifest["dataset_sha256"]["training"], "PeftModel.from_pretrained",
+                     "vllm serve", "--enable-lora", "| loss |", "trained_tokens"):
+        assert expected in card, expected
+
+    # lorastack eval: on the run's validation data by default, base vs adapter, saved as eval.json.
+    assert main(["eval", "plants", "--store", str(store.root), "--json", "--samples", "2",
+                 "--max-new-tokens", "8"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["adapter"] == "plants@v1" and result["against"] == "base"
+    assert set(result["metrics"]) == {"base", "plants@v1"}
+    base_m, tuned = result["metrics"]["base"], result["metrics"]["plants@v1"]
+    assert tuned["loss"] < base_m["loss"] and tuned["perplexity"] < base_m["perplexity"]
+    assert tuned["token_accuracy"] > base_m["token_accuracy"]
+    assert base_m["tokens"] == tuned["tokens"] > 0 and base_m["examples"] == 10  # the same tokens scored
+    assert result["data"][0]["sha256"] == v1.manifest["dataset_sha256"]["validation"]
+    assert len(result["samples"]) == 2
+    first_val = json.loads(PLANT_VAL.read_text().splitlines()[0])["messages"]
+    assert result["samples"][0]["reference"] in {m["content"] for m in first_val} | {
+        json.loads(ln)["messages"][-1]["content"] for ln in PLANT_VAL.read_text().splitlines()}
+    assert {"prompt", "reference", "base", "plants@v1"} <= set(result["samples"][0])
+    assert "chrf" in tuned
+    assert json.loads((v1.path / "eval.json").read_text())["metrics"] == result["metrics"]
+
+    # A barely trained run does not beat LATEST: published as v2, LATEST stays v1.
+    job_b = write_job(tmp_path, tiny_llama, name="plants", max_steps=1, learning_rate=1e-6)
+    assert _finetune(job_b, store) == 0
+    out = capsys.readouterr().out
+    assert "plants@v2 was NOT promoted" in out
+    v2 = store.adapter("plants@v2")
+    assert v2.manifest["promotion"]["verdict"] == "kept" and v2.manifest["promotion"]["baseline"] == "plants@v1"
+    assert store.latest_version("plants") == "v1"
+
+    assert main(["eval", "plants@v2", "--against", "plants@v1", "--store", str(store.root), "--samples", "0"]) == 0
+    table = capsys.readouterr().out
+    assert "plants@v2 against plants@v1" in table and "loss of plants@v2" in table
+
+    assert main(["adapters", "promote", "plants@v2", "--store", str(store.root)]) == 0
+    assert store.latest_version("plants") == "v2"
+    assert main(["adapters", "rollback", "plants", "--store", str(store.root)]) == 0
+    assert store.latest_version("plants") == "v1"
+
+
+@pytest.mark.slow
+def test_resumed_run_publishes_the_cumulative_metrics_of_an_uninterrupted_one(
+    tmp_path, store, tiny_llama, monkeypatch, capsys
+):
+    """Issue 7 item 4 and issue 11 item 4: SIGTERM at step 6, resume; same tokens, steps, first loss; each step
+    once in results.csv. No validation file: 10 % of the training examples are held out (and said so)."""
+    from test_trainer import write_job
+
+    whole_store = Store(tmp_path / "whole").init()
+    job = write_job(tmp_path, tiny_llama, name="plants", max_steps=12, validation=None)
+    assert _finetune(job, whole_store) == 0
+    whole = whole_store.adapter("plants").manifest
+    assert whole["holdout"]["examples"] == 3 and whole["holdout"]["of"] == 30
+    assert "validation" in whole["dataset_sha256"] and whole["promotion"]["policy"] == "if_better"
+
+    events = _inject_signal(monkeypatch, at_step=6)
+    assert _finetune(job, store) == 143
+    run_id = whole["run_id"]
+    assert store.read_status(run_id)["phase"] == "preempted"
+    assert [s for s, _ in store.complete_checkpoints(run_id)] == [6]
+    assert events == []  # not one more step after the signal
+    monkeypatch.undo()
+    assert _finetune(job, store) == 0
+    resumed = store.adapter("plants").manifest
+    m, w = resumed["metrics"], whole["metrics"]
+    assert m["steps"] == w["steps"] == 12
+    assert m["trained_tokens"] == w["trained_tokens"] and m["loss_tokens"] == w["loss_tokens"]
+    assert m["first_loss"] == pytest.approx(w["first_loss"]) and m["attempts"] == 2
+    assert m["last_loss"] == pytest.approx(w["last_loss"], rel=1e-3)
+    assert m["train_runtime_s"] > 0
+    assert _results_steps(store, run_id) == list(range(1, 13))
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_last_step_never_trains_past_max_steps(tmp_path, store, tiny_llama, monkeypatch, caplog):
+    from test_trainer import write_job
+
+    job = write_job(tmp_path, tiny_llama, name="plants", max_steps=8, validation=None)
+    events = _inject_signal(monkeypatch, at_step=8)
+    assert _finetune(job, store) == 143
+    run_id = next(iter(store.run_ids()))
+    (step, ckpt), = store.complete_checkpoints(run_id)
+    assert step == 8 and json.loads((ckpt / "lorastack-run.json").read_text())["training_done"] is True
+    assert events == []
+    monkeypatch.undo()
+    with caplog.at_level("INFO", logger="lorastack.trainer"):
+        assert _finetune(job, store) == 0
+    assert "training is already complete" in caplog.text
+    assert store.adapter("plants").manifest["metrics"]["steps"] == 8
+    assert store.read_status(run_id)["step"] == 8
+    assert _results_steps(store, run_id) == list(range(1, 9))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["before", "during"])
+def test_sigterm_before_or_during_an_evaluation_stops_within_one_batch(
+    tmp_path, store, tiny_llama, monkeypatch, when
+):
+    """Issue 11 item 4: the exit stays well inside the grace period however long an evaluation is."""
+    from test_trainer import write_job
+
+    job = write_job(tmp_path, tiny_llama, name="plants", max_steps=8, eval_steps=4, packing=False,
+                    per_device_batch_size=1)
+    events = _inject_signal(monkeypatch, at_step=4 if when == "before" else None, in_eval=when == "during")
+    assert _finetune(job, store) == 143
+    assert events.count("eval batch") == 0  # the signal is answered before the next evaluation batch
+    run_id = next(iter(store.run_ids()))
+    assert [s for s, _ in store.complete_checkpoints(run_id)] == [4]
+    status = store.read_status(run_id)
+    assert status["phase"] == "preempted" and "SIGTERM" in status["message"]
+    if when == "during":
+        monkeypatch.undo()
+        assert _finetune(job, store) == 0
+        assert _results_steps(store, run_id) == list(range(1, 9))
+        assert store.adapter("plants").manifest["metrics"]["steps"] == 8
+
+
+@pytest.mark.slow
+def test_ctrl_c_exits_130_with_a_checkpoint(tmp_path, store, tiny_llama, monkeypatch):
+    from test_trainer import write_job
+
+    job = write_job(tmp_path, tiny_llama, name="plants", max_steps=8, validation=None)
+    _inject_signal(monkeypatch, at_step=3, sig=signal.SIGINT)
+    assert _finetune(job, store) == 130
+    run_id = next(iter(store.run_ids()))
+    status = store.read_status(run_id)
+    assert status["phase"] == "stopped" and "SIGINT" in status["message"]
+    assert [s for s, _ in store.complete_checkpoints(run_id)] == [3]
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_the_model_loads_exits_130_at_once(tmp_path, store, tiny_llama):
+    """Ctrl-C is answered during loading (a long download), not after it."""
+    from test_trainer import write_job
+
+    job = write_job(tmp_path, tiny_llama, name="plants", max_steps=8, validation=None)
+    code = textwrap.dedent(
+        f"""
+        import os, signal, sys
+        from lorastack import trainer
+        real = trainer.load_base_model
+        def slow_load(*a, **k):  # a model download that takes a while; Ctrl-C arrives in the middle
+            os.kill(os.getpid(), signal.SIGINT)
+            import time
+            time.sleep(30)
+            return real(*a, **k)
+        trainer.load_base_model = slow_load
+        from lorastack.cli import main
+        sys.exit(main(["finetune", {str(job)!r}, "--local", "--store", {str(store.root)!r}]))
+        """
+    )
+    t0 = time.monotonic()
+    res = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(SRC)},
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode == 130, res.stderr[-2000:]
+    assert time.monotonic() - t0 < 25
+    status = store.read_status(next(iter(store.run_ids())))
+    assert status["phase"] == "stopped" and "before training started" in status["message"]
+
+
+@pytest.mark.slow
+def test_a_second_trainer_is_refused_and_a_killed_trainers_lock_is_taken_over(tmp_path, store, tiny_llama, capsys):
+    from test_trainer import _cli, _wait_for_step, write_job
+
+    job = write_job(tmp_path, tiny_llama, name="plants", max_steps=400, validation=None, per_device_batch_size=1)
+    first = subprocess.Popen(_cli("finetune", str(job), "--local", "--store", str(store.root)),
+                             env={**os.environ, "PYTHONPATH": str(SRC)}, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        run_id = _wait_for_step(store, 2, first)
+        assert _finetune(job, store) == 1
+        err = capsys.readouterr().err
+        assert f"already being trained by pid {first.pid}" in err and "one trainer per run" in err
+        assert store.read_status(run_id)["phase"] == "training"  # the first trainer's status is untouched
+    finally:
+        first.kill()  # SIGKILL: no chance to release the lock
+        first.communicate()
+    assert store.run_lock_holder(run_id)["alive"] is False  # same host, its pid is gone
+    # The next attempt takes the dead trainer's lock over (a time budget keeps it short: it does not change the run).
+    assert _finetune(job, store, time_budget="6s") == 3
+    status = store.read_status(run_id)
+    assert status["phase"] == "stopped" and status["attempts"] == 2
+    assert store.run_lock_holder(run_id) is None  # released on exit
+
+
+@pytest.mark.slow
+def test_sigkill_between_publish_steps_of_a_finetune_then_rerun_finishes_the_same_version(tmp_path, store, tiny_llama):
+    """Issue 11: killed after the version directory is renamed, before LATEST: the re-run recognises the run."""
+    from test_trainer import _cli, write_job
+
+    job = write_job(tmp_path, tiny_llama, name="plants", max_steps=4, validation=None)
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    killed = subprocess.run(_cli("finetune", str(job), "--local", "--store", str(store.root)),
+                            env={**env, "LORASTACK_FAULT_AT": "publish:renamed"}, capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert store.adapter_versions("plants") == ["v1"] and store.latest_version("plants") is None
+    rerun = subprocess.run(_cli("finetune", str(job), "--local", "--store", str(store.root)), env=env,
+                           capture_output=True, text=True, timeout=120, check=False)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "already published as plants@v1" in rerun.stderr
+    assert store.adapter_versions("plants", include_unverified=True) == ["v1"]
+    assert store.adapter("plants").version == "v1"
+    assert [e["version"] for e in store.promotions("plants")] == ["v1"]
+    run_id = store.adapter("plants").manifest["run_id"]
+    assert store.read_status(run_id)["phase"] == "succeeded"
+    assert not (store.run_dir(run_id) / "lock").exists()
+
+
+@pytest.mark.slow
+def test_early_stopping_and_keep_best_publish_the_best_evaluation(tmp_path, store, tiny_llama):
+    from test_trainer import write_job
+
+    # Validation answers unlike the training answers: the more the adapter learns plant care, the worse the
+    # validation loss gets after the first evaluations, so early stopping must end the run.
+    other = tmp_path / "other-domain.jsonl"
+    other.write_text("\n".join(json.dumps({"messages": [
+        {"role": "user", "content": f"Say {i} again"},
+        {"role": "assistant", "content": " ".join(["zq 0 9 xk"] * 12)}]}) for i in range(10)) + "\n")
+    job = write_job(tmp_path, tiny_llama, name="plants", max_steps=30, eval_steps=2, validation=other,
+                    early_stopping_patience=2, keep_best=True)
+    assert _finetune(job, store) == 0
+    m = store.adapter("plants").manifest["metrics"]
+    assert m["early_stopped_at"] < 30 and m["steps"] == m["early_stopped_at"]
+    assert m["best_step"] <= m["early_stopped_at"] - 4  # two evaluations without improvement after the best
+    # keep_best: the published weights are the best evaluation's (the gate scores them to the same loss).
+    assert m["eval_loss"] == pytest.approx(m["best_valid_loss"], abs=2e-3)
+    assert not (store.run_dir(m.get("run_id") or store.adapter("plants").manifest["run_id"]) / "best").exists()
