@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from lorastack.cli import main
-from lorastack.store import LATEST, PROMOTIONS, LockHeldError, Store, StoreError
+from lorastack.store import LATEST, LockHeldError, Store, StoreError
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
