@@ -654,3 +654,47 @@ def test_early_stopping_and_keep_best_publish_the_best_evaluation(tmp_path, stor
     # keep_best: the published weights are the best evaluation's (the gate scores them to the same loss).
     assert m["eval_loss"] == pytest.approx(m["best_valid_loss"], abs=2e-3)
     assert not (store.run_dir(m.get("run_id") or store.adapter("plants").manifest["run_id"]) / "best").exists()
+
+
+def test_new_subcommands_have_help_and_import_nothing_heavy():
+    code = (
+        "import sys\n"
+        "from lorastack.cli import build_parser\n"
+        "p = build_parser()\n"
+        "for argv in (['eval', 'x'], ['adapters', 'list'], ['runs', 'rm', 'r'], ['status', '--store', 'd']):\n"
+        "    p.parse_args(argv)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'peft', 'sacrebleu')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(SRC)}).stdout
+    assert out.strip() == "[]"
+    for cmd in (["eval"], ["adapters", "pull"], ["runs", "show"]):
+        res = subprocess.run([sys.executable, "-m", "lorastack", *cmd, "--help"], capture_output=True, text=True,
+                             env={**os.environ, "PYTHONPATH": str(SRC)}, timeout=60, check=False)
+        assert res.returncode == 0 and "--store" in res.stdout, res.stderr
+
+
+@pytest.mark.slow
+def test_training_output_is_readable_without_dict_dumps_or_library_noise(tmp_path, store, tiny_llama):
+    """Issue 7 item 8: no raw HF dicts on stdout, no `kernels` warning, each data warning once under the
+    user's file name (not the store's sha256 path)."""
+    from test_trainer import PLANT_TRAIN, _cli, write_job
+
+    lines = PLANT_TRAIN.read_text().splitlines()
+    row = json.loads(lines[0])
+    row["messages"].append({"role": "user", "content": "thanks!"})  # a trailing user turn: a warning
+    lines[0] = json.dumps(row)
+    data = tmp_path / "mine.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    job = write_job(tmp_path, tiny_llama, name="plants", max_steps=3, train=data, validation=None)
+    res = subprocess.run(_cli("finetune", str(job), "--local", "--store", str(store.root)),
+                         env={**os.environ, "PYTHONPATH": str(SRC)}, capture_output=True, text=True, timeout=180,
+                         check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "{'" not in res.stdout and "{'" not in res.stderr  # no {'loss': ...} dumps
+    assert res.stdout.splitlines()[-1].startswith("plants@v1 is now LATEST")
+    assert "kernels" not in res.stderr and "Loading weights" not in res.stderr
+    warned = [ln for ln in res.stderr.splitlines() if "last_message_not_assistant" in ln]
+    assert len(warned) == 1 and str(data) in warned[0], res.stderr
+    assert "datasets/" not in res.stderr
+    assert "holding out 3 of 30 training examples" in res.stderr

@@ -80,6 +80,7 @@ IDENTITY_FILE = "lorastack-run.json"
 # Extra keys lorastack adds to the resolved spec in runs/<id>/spec.yaml.
 RUN_KEYS = ("run_id", "dataset_sha256", "holdout")
 MIN_TRAINING_EXAMPLES = 10  # Azure's minimum, checked by lorastack.data; a hold-out never goes below it
+TOKEN_WARNING_CODES = ("too_long",)  # data warnings only the tokenizer pass can find (lorastack.data)
 BEST_DIR = "best"  # runs/<id>/best/: the adapter weights of the best evaluation (keep_best)
 
 # Dense bf16/fp16 peak FLOP/s per GPU (vendor datasheets, without sparsity), for MFU in the log.
@@ -498,6 +499,10 @@ def encode_datasets(
     left. A validation file with nothing to score is dropped (None), so the run trains without evaluation.
     """
     for warning in validate_datasets(paths, tokenizer=tokenizer, max_seq_len=max_seq_len):
+        # The structural warnings were shown when the run was prepared (finetune, or the cloud submit); this
+        # pass adds only what needs the tokenizer.
+        if not any(f": warning: {code}:" in warning for code in TOKEN_WARNING_CODES):
+            continue
         for stored, shown in (display or {}).items():  # the user's file name, not the store's sha256 path
             warning = warning.replace(stored, shown)
         _warn_once(warning)
