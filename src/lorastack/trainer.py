@@ -926,6 +926,8 @@ def _gate(
     promotion: dict[str, Any] = {"policy": policy, "verdict": None, "candidate_loss": None,
                                  "baseline": None, "baseline_loss": None}
     if not (eval_data and eval_data.rows):
+        if policy == "if_better":
+            log.warning("promote: if_better, but the run has no validation data to compare on: promoting it")
         promotion["verdict"] = "skipped" if policy == "never" else "promoted"
         return promotion, None
     run.reporter.update("training", message="final evaluation")
