@@ -391,7 +391,7 @@ def test_publish_killed_before_the_rename_leaves_no_adapter(tmp_path, store, tin
     published = trainer.publish(store, spec.run_id(), spec, doc, model, tok, None, {})
     assert published.version == "v1" and store.adapter_names() == ["atomic"]
 
-    # Killed between the version rename and the LATEST pointer: readers keep the previous version.
+    # Another run killed between the version rename and the LATEST pointer: readers keep the previous version.
     def killed_latest(path, data):
         if path.name == "LATEST":
             raise Killed
@@ -401,8 +401,11 @@ def test_publish_killed_before_the_rename_leaves_no_adapter(tmp_path, store, tin
     with monkeypatch.context() as m:
         m.setattr(store_mod, "write_bytes_atomic", killed_latest)
         with pytest.raises(Killed):
-            trainer.publish(store, spec.run_id(), spec, doc, model, tok, None, {})
+            trainer.publish(store, "atomic-otherrun", spec, doc, model, tok, None, {})
     assert store.adapter("atomic").version == "v1"
+    # The same run published again is recognised, not published twice.
+    again = trainer.publish(store, spec.run_id(), spec, doc, model, tok, None, {})
+    assert again.version == "v1" and store.adapter_versions("atomic") == ["v1", "v2"]
 
 
 # ---------------------------------------------------------------------------------------------------

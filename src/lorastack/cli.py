@@ -16,7 +16,7 @@ HANDLERS = {
     "validate": "lorastack.commands.data:validate_command",
     "finetune": "lorastack.commands.train:finetune_command",
     "train": "lorastack.commands.train:train_command",
-    "status": "lorastack.commands.cloud:status_command",
+    "status": "lorastack.commands.adapters:status_command",
     "serve": "lorastack.serve.server:serve_command",
     "demo": "lorastack.demo:demo_command",
     "plan": "provisioning.plan:plan_command",
@@ -28,6 +28,10 @@ HANDLERS = {
     "export": "lorastack.commands.ops:export_command",
     "preflight": "lorastack.commands.ops:preflight_command",
     "store": "lorastack.commands.ops:store_command",
+    # lifecycle: evaluation, adapter versions and runs on a store
+    "eval": "lorastack.commands.adapters:eval_command",
+    "adapters": "lorastack.commands.adapters:adapters_command",
+    "runs": "lorastack.commands.adapters:runs_command",
 }
 
 
@@ -92,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", metavar="DURATION", help="override time_budget (e.g. 30m, 2h)")
     _outputs_arg(p)
     p.add_argument("--wait", action="store_true", help="cloud: follow the run until it ends (progress lines)")
+    p.add_argument("--verbose", action="store_true", help="also print the libraries' own logs and every step")
 
     p = sub.add_parser("train", help="run a prepared run from the store (the training image's entrypoint)")
     _store_arg(p)
@@ -101,10 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="run id under <store>/runs/, or 'next' to claim the oldest queued run "
         "(default: $LORASTACK_RUN_ID, else 'next', which is what the Azure job does)",
     )
+    p.add_argument("--verbose", action="store_true", help="also print the libraries' own logs and every step")
 
-    p = sub.add_parser("status", help="cloud: a run's status on the Azure store, or every run and adapter")
+    p = sub.add_parser("status", help="a run's status, or every run and adapter (cloud store, or --store DIR)")
     p.add_argument("run_id", nargs="?", metavar="RUN_ID", help="run id printed by `lorastack finetune`")
     _outputs_arg(p)
+    p.add_argument("--store", metavar="DIR", help="a local store directory instead of the cloud store")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("serve", help="serve every adapter in the store (OpenAI-compatible API + chat UI)")
@@ -131,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     _store_arg(p)
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--no-serve", action="store_true", help="stop after publishing the adapter")
+
+    _lifecycle_parsers(sub)
 
     p = sub.add_parser("plan", help="render a stack offline under Pulumi mocks and check the policies")
     p.add_argument("--stack", required=True, metavar="NAME", help="stack name (stacks/Pulumi.<NAME>.yaml)")
@@ -217,6 +226,63 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _lifecycle_parsers(sub: argparse._SubParsersAction) -> None:
+    """``eval``, ``adapters`` and ``runs`` (lifecycle; the cloud variants take --outputs)."""
+    p = sub.add_parser("eval", help="score an adapter against the base (or another version) on held-out data")
+    p.add_argument("adapter", metavar="ADAPTER[@vN]", help="adapter name (its LATEST) or name@vN")
+    p.add_argument("--data", action="append", default=[], metavar="FILE",
+                   help="chat JSONL to score (default: the run's validation data); repeatable")
+    p.add_argument("--against", default="base", metavar="base|ADAPTER@vN",
+                   help="what to compare with: the base model (default) or another version on the same base")
+    p.add_argument("--prompts", metavar="FILE", help="chat JSONL prompts to generate for (default: the data's)")
+    p.add_argument("--samples", type=int, default=8, metavar="N", help="generations side by side (default 8)")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="per generation (default 64)")
+    _store_arg(p)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--verbose", action="store_true", help="also print the libraries' own logs")
+
+    p = sub.add_parser("adapters", help="adapter versions: list, show, promote, rollback, delete, pull")
+    actions = p.add_subparsers(dest="adapters_command", metavar="ACTION", required=True)
+    q = actions.add_parser("list", help="every version of every adapter; * marks LATEST (what is served)")
+    q.add_argument("name", nargs="?", metavar="NAME", help="only this adapter")
+    q = actions.add_parser("show", help="one version: manifest, metrics, promotion verdict, eval, history")
+    q.add_argument("ref", metavar="ADAPTER[@vN]")
+    q = actions.add_parser("promote", help="point LATEST at a version (the server follows)")
+    q.add_argument("ref", metavar="ADAPTER@vN")
+    q.add_argument("--reason", help="recorded in promotions.json")
+    q = actions.add_parser("rollback", help="move LATEST back to the version promoted before it")
+    q.add_argument("name", metavar="ADAPTER")
+    q.add_argument("--reason", help="recorded in promotions.json")
+    q = actions.add_parser("delete", help="delete a version (never the LATEST one unless --force)")
+    q.add_argument("ref", metavar="ADAPTER@vN")
+    q.add_argument("--force", action="store_true", help="also delete the LATEST version (LATEST rolls back)")
+    q = actions.add_parser("pull", help="copy a version to a directory, or into another store")
+    q.add_argument("ref", metavar="ADAPTER[@vN]")
+    dest = q.add_mutually_exclusive_group(required=True)
+    dest.add_argument("--to", metavar="DIR", help="a new directory (PEFT files: load with peft or vLLM)")
+    dest.add_argument("--to-store", metavar="DIR", help="another store (published there as a version)")
+    q.add_argument("--promote", action="store_true", help="with --to-store: make it LATEST there")
+    for q in actions.choices.values():
+        _store_arg(q)
+        _outputs_arg(q)
+        if q.prog.split()[-1] in ("list", "show"):
+            q.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("runs", help="training runs on a store: list, show, rm")
+    actions = p.add_subparsers(dest="runs_command", metavar="ACTION", required=True)
+    q = actions.add_parser("list", help="every run: phase, step, loss, attempts, adapter")
+    q = actions.add_parser("show", help="one run: status, checkpoints, who is training it")
+    q.add_argument("run_id", metavar="RUN_ID")
+    q = actions.add_parser("rm", help="delete a run directory (refused while a trainer holds it)")
+    q.add_argument("run_id", metavar="RUN_ID")
+    q.add_argument("--force", action="store_true", help="even if its lock looks held")
+    for q in actions.choices.values():
+        _store_arg(q)
+        _outputs_arg(q)
+        if q.prog.split()[-1] in ("list", "show"):
+            q.add_argument("--json", action="store_true", help="print JSON")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -233,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         handler = getattr(importlib.import_module(module_name), func_name)
     except ModuleNotFoundError as exc:
-        extra = {"validate": "train", "finetune": "train", "train": "train", "serve": "serve", "demo": "all", "status": "cloud"}.get(key, "infra")
+        extra = {"validate": "train", "finetune": "train", "train": "train", "serve": "serve", "demo": "all", "status": "cloud", "eval": "train"}.get(key, "infra")
         print(
             f"lorastack {args.command}: missing dependency {exc.name!r}; install it with "
             f"`pip install 'lorastack[{extra}]'`",

@@ -30,7 +30,7 @@ def hub_reachable(model: str = HUB_MODEL, timeout: float = 5.0) -> bool:
 
         HfApi().model_info(model, timeout=timeout)
         return True
-    except Exception:  # no network, DNS failure, proxy, hub error: all mean "use the tiny model"
+    except Exception:  # noqa: BLE001 (no network, DNS failure, proxy, hub error: all mean "use the tiny model")
         return False
 
 
@@ -49,13 +49,12 @@ def choose_base_model(store: Store, examples: Path) -> tuple[str, dict, str]:
         )
     # A tiny model has a lot to learn from LoRA alone: more steps and a higher learning rate than a real one.
     overrides = {"training": {"max_steps": 80, "learning_rate": 3e-3, "eval_steps": 40}, "max_seq_len": 512}
-    return (
-        str(model_dir),
-        overrides,
+    why = (
         "no model hub is reachable from this machine, so the demo uses a TINY MODEL GENERATED HERE "
         f"({model_dir}): the pipeline is real (4-bit QLoRA, store, OpenAI API), but the answers are only "
-        "as good as a 2-layer model pre-trained for seconds on the sample's sentences",
+        "as good as a 2-layer model pre-trained for seconds on the sample's sentences"
     )
+    return str(model_dir), overrides, why
 
 
 def _plain_texts(examples: Path) -> list[str]:
@@ -105,6 +104,11 @@ def demo_command(args: argparse.Namespace) -> int:
         return outcome.exit_code or 1
     adapter = outcome.adapter_ref
     print(f"      published adapter {adapter} in {store.adapters_dir}")
+    promotion = outcome.promotion or {}
+    if promotion.get("baseline_loss") is not None:
+        print(f"      validation loss {promotion['candidate_loss']:.4f} vs {promotion['baseline_loss']:.4f} for "
+              f"{promotion['baseline']}: {promotion['verdict']} (compare answers: "
+              f"lorastack eval {adapter} --store {store.root})")
     if args.no_serve:
         return 0
     return _serve(store, base, adapter, args.port)

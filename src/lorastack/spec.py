@@ -221,6 +221,37 @@ class TrainingSettings(_Section):
         json_schema_extra=_allowed("a positive integer"),
     )
 
+    holdout: float = Field(
+        0.1,
+        strict=True,
+        ge=0,
+        lt=0.5,
+        description="Without a validation file, hold out this fraction of the training examples (seeded by "
+        "`seed`; at least one, never leaving fewer than the 10-example training minimum) to evaluate on. "
+        "0 = no hold-out.",
+        json_schema_extra=_allowed("a number in [0, 0.5)"),
+    )
+    early_stopping_patience: int | None = Field(
+        None,
+        strict=True,
+        gt=0,
+        description="Stop once the validation loss has not improved for this many evaluations; null = never.",
+        json_schema_extra=_allowed("a positive integer or null"),
+    )
+    keep_best: bool = Field(
+        False,
+        strict=True,
+        description="Publish the weights of the evaluation with the lowest validation loss, not the last step.",
+        json_schema_extra=_allowed("true or false"),
+    )
+    keep_checkpoints: int = Field(
+        0,
+        strict=True,
+        ge=0,
+        description="Checkpoints kept after a successful publish (0 = delete them all).",
+        json_schema_extra=_allowed("a non-negative integer"),
+    )
+
     @field_validator("max_steps")
     @classmethod
     def _not_zero(cls, v: int) -> int:
@@ -262,7 +293,11 @@ FINGERPRINT_EXCLUDES = (
     "training.logging_steps",
     "training.save_every_minutes",
     "training.save_total_limit",
+    "training.keep_checkpoints",
+    "promote",
 )
+
+PromotePolicy = Literal["always", "if_better", "never"]
 
 
 class RunSpec(_Section):
@@ -314,6 +349,12 @@ class RunSpec(_Section):
         description="Also write the adapter merged into a 16-bit copy of the base model.",
         json_schema_extra=_allowed("true or false"),
     )
+    promote: PromotePolicy | None = Field(
+        None,
+        description="Whether a finished run's version becomes LATEST (what is served): always; if_better = only "
+        "if its validation loss beats the current LATEST (or the base model when there is none) on the same "
+        "data; never = publish only (promote by hand). null = if_better with validation data, else always.",
+    )
 
     _spec_path: Path | None = PrivateAttr(None)
     _hashes: dict[str, str] = PrivateAttr(default_factory=dict)
@@ -334,6 +375,10 @@ class RunSpec(_Section):
         return None if v is None else parse_duration(v)
 
     # -- derived values -------------------------------------------------------------------------
+    def promote_policy(self, has_validation: bool) -> str:
+        """The promotion policy in force: the spec's, else if_better with validation data, else always."""
+        return self.promote or ("if_better" if has_validation else "always")
+
     @property
     def spec_path(self) -> Path | None:
         """The YAML file this spec was loaded from (None if built in code)."""

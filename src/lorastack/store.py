@@ -137,12 +137,235 @@ def parse_adapter_ref(ref: str) -> tuple[str, str | None]:
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write a file so that readers see either the old content or the new, never a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{uuid.uuid4().hex[:8]}")
+    # The writer's host and pid are in the temporary name, so a leftover of a killed writer can be told apart
+    # from a live writer's file (see _clean_tmp).
+    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{_owner_tag()}-{uuid.uuid4().hex[:8]}")
     with open(tmp, "wb") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
+    fault_point(f"write:{path.name}")
     os.replace(tmp, path)
+
+
+# -- write-path helpers: fault injection, leftovers, locks ------------------------------------------------
+FAULT_ENV = "LORASTACK_FAULT_AT"
+
+
+def fault_point(name: str) -> None:
+    """The test seam for crashes: when $LORASTACK_FAULT_AT names this point, the process SIGKILLs itself here.
+
+    Points: ``publish:staged`` (manifest written in the staging directory), ``publish:renamed`` (version
+    directory in place, LATEST not moved), ``latest:history`` (promotions.json written, LATEST not),
+    ``publish:promoted`` (LATEST moved, the run not yet marked succeeded), ``write:<file>`` (a temporary file
+    written, not yet renamed over <file>). Costs one environment lookup when unset.
+    """
+    if os.environ.get(FAULT_ENV) == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _host() -> str:
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
+
+
+def _owner_tag() -> str:
+    return f"{_host()}-{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    except OSError:
+        return False
+    return True
+
+
+_LEFTOVER_MAX_AGE_S = 3600.0
+
+
+def _clean_tmp(directory: Path) -> list[Path]:
+    """Remove ``.tmp-*`` entries of ``directory`` left by dead writers: those whose tag names this host and a
+    pid that is gone, and any older than an hour (a writer on another host, or an untagged name)."""
+    removed: list[Path] = []
+    if not directory.is_dir():
+        return removed
+    host = _host()
+    now = time.time()
+    for entry in directory.iterdir():
+        if not entry.name.startswith(_TMP_PREFIX):
+            continue
+        m = re.search(rf"{re.escape(host)}-(\d+)-[0-9a-f]{{8}}$", entry.name)
+        try:
+            old = now - entry.lstat().st_mtime > _LEFTOVER_MAX_AGE_S
+        except FileNotFoundError:
+            continue
+        dead = m is not None and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1)))
+        if entry.name.startswith(f"{_TMP_PREFIX}deleted-"):
+            dead = True  # a deletion that was cut short: finish it
+        if dead or old:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+class LockHeldError(StoreError):
+    """Another live process holds a store lock; the message names it (pid, host, heartbeat age)."""
+
+
+class StoreLock:
+    """An exclusive lock file on the store: ``{"pid", "host", "what", "acquired_at", "heartbeat_at", "token"}``.
+
+    Created with O_EXCL (atomic on a local disk and on SMB). A holder that died is detected two ways: same
+    host and its pid is gone, or (any host) its heartbeat is older than ``stale_s``; such a lock is taken over.
+    With ``heartbeat``, a daemon thread refreshes ``heartbeat_at`` every ``stale_s / 6`` seconds while held.
+    ``wait_s``: how long ``acquire`` waits for a live holder before raising :class:`LockHeldError`.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        what: str,
+        *,
+        stale_s: float | None = None,
+        heartbeat: bool = False,
+        wait_s: float = 0.0,
+    ):
+        self.path = path
+        self.what = what
+        self.stale_s = float(stale_s or os.environ.get("LORASTACK_LOCK_STALE_S") or 60.0)
+        self.heartbeat = heartbeat
+        self.wait_s = wait_s
+        self.token = uuid.uuid4().hex
+        self._stop: Any = None
+        self._thread: Any = None
+
+    def _info(self) -> dict[str, Any]:
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        return {"pid": os.getpid(), "host": _host(), "what": self.what, "token": self.token,
+                "acquired_at": now, "heartbeat_at": now, "heartbeat_ts": time.time()}
+
+    def _read(self) -> dict[str, Any] | None:
+        try:
+            info = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            info = {}
+        if not isinstance(info, dict):
+            info = {}
+        with contextlib.suppress(FileNotFoundError):
+            info.setdefault("heartbeat_ts", self.path.stat().st_mtime)  # unreadable lock: age by mtime
+        return info
+
+    def holder(self) -> dict[str, Any] | None:
+        """The current holder's record plus ``alive`` (False when it is dead or its heartbeat is stale)."""
+        info = self._read()
+        if info is None:
+            return None
+        return {**info, "alive": not self._is_dead(info), "heartbeat_age_s": round(self._age(info), 1)}
+
+    def _age(self, info: dict[str, Any]) -> float:
+        try:
+            return time.time() - float(info.get("heartbeat_ts", 0))
+        except (TypeError, ValueError):
+            return float("inf")
+
+    def _is_dead(self, info: dict[str, Any]) -> bool:
+        if info.get("host") == _host() and isinstance(info.get("pid"), int) and not _pid_alive(info["pid"]):
+            return True
+        return self._age(info) > self.stale_s
+
+    def acquire(self) -> StoreLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                info = self._read()
+                if info is None:
+                    continue  # released meanwhile
+                if self._is_dead(info):
+                    self._take_over(info)
+                    continue
+                if time.monotonic() < deadline:
+                    time.sleep(0.02)
+                    continue
+                raise LockHeldError(
+                    f"{self.what} is locked by pid {info.get('pid')} on {info.get('host')} (since "
+                    f"{info.get('acquired_at')}, heartbeat {self._age(info):.0f}s ago): one trainer per run. Wait for "
+                    f"it to finish, stop it, or remove {self.path} if that process is gone "
+                    f"(a lock is taken over by itself once its heartbeat is {self.stale_s:.0f}s old)"
+                ) from None
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(self._info(), fh)
+            break
+        if self.heartbeat:
+            self._start_heartbeat()
+        return self
+
+    def _take_over(self, stale: dict[str, Any]) -> None:
+        """Remove a dead holder's lock, guarded so two processes never both remove a fresh one."""
+        guard = self.path.with_name(self.path.name + ".takeover")
+        try:
+            fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - guard.stat().st_mtime > 30:
+                    guard.unlink()  # a taker-over died mid-way
+            time.sleep(0.02)
+            return
+        try:
+            os.close(fd)
+            again = self._read()
+            if again is not None and again.get("token") == stale.get("token") and self._is_dead(again):
+                self.path.unlink(missing_ok=True)
+        finally:
+            guard.unlink(missing_ok=True)
+
+    def _start_heartbeat(self) -> None:
+        import threading
+
+        self._stop = threading.Event()
+        interval = max(0.05, self.stale_s / 6)
+
+        def beat() -> None:
+            while not self._stop.wait(interval):
+                info = self._read()
+                if not info or info.get("token") != self.token:
+                    return  # taken over (we were presumed dead): never write over the new holder
+                info["heartbeat_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+                info["heartbeat_ts"] = time.time()
+                with contextlib.suppress(OSError):
+                    write_json_atomic(self.path, info)
+
+        self._thread = threading.Thread(target=beat, name=f"lorastack-lock-{self.what}", daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+            self._thread.join(timeout=5)
+        info = self._read()
+        if info is not None and info.get("token") == self.token:
+            self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> StoreLock:  # noqa: PYI034
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -316,17 +539,34 @@ class Store:
         return None
 
     # -- adapters -------------------------------------------------------------------------------
-    def publish_adapter(self, name: str, src_dir: str | os.PathLike[str], manifest: dict[str, Any]) -> Adapter:
-        """Publish the files in ``src_dir`` as the next version of adapter ``name``.
+    def publish_adapter(
+        self,
+        name: str,
+        src_dir: str | os.PathLike[str],
+        manifest: dict[str, Any],
+        *,
+        promote: bool = True,
+        reason: str = "published",
+    ) -> Adapter:
+        """Publish the files in ``src_dir`` as the next version of adapter ``name``; LATEST moves only if ``promote``.
 
-        Steps, each safe to be killed at: copy into a temporary sibling; write the manifest (with
-        every file's sha256) last inside it; rename it to ``v<N>``; then point LATEST at it.
+        Steps, each safe to be killed at: copy into a temporary sibling; write the manifest (with every
+        file's sha256) last inside it; rename it to ``v<N>``; then (when promoted) append to promotions.json
+        and point LATEST at it. Idempotent per run: when ``manifest["run_id"]`` is already published under
+        ``name`` (a re-run after a crash at any step), that version is returned, and its promotion finished
+        if it was cut short, instead of publishing a second copy. Leftovers of killed publishes are removed.
         """
         check_name(name)
         src_dir = Path(src_dir)
         adapter_root = self.adapters_dir / name
         adapter_root.mkdir(parents=True, exist_ok=True)
-        staging = adapter_root / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
+        self.clean_leftovers(name)
+        run_id = manifest.get("run_id")
+        if run_id and (existing := self.version_of_run(name, str(run_id))) is not None:
+            if promote:
+                self._move_latest(name, existing.version, "promote", reason, only_forward=True)
+            return existing
+        staging = adapter_root / f"{_TMP_PREFIX}{_owner_tag()}-{uuid.uuid4().hex[:8]}"
         shutil.copytree(src_dir, staging, ignore=shutil.ignore_patterns(MANIFEST, f"{_TMP_PREFIX}*"))
         files = {
             str(p.relative_to(staging)): sha256_file(p) for p in sorted(staging.rglob("*")) if p.is_file()
@@ -344,18 +584,187 @@ class Store:
                 "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
             write_json_atomic(staging / MANIFEST, full_manifest)
+            fault_point("publish:staged")
             try:
                 os.rename(staging, adapter_root / version)
                 break
             except OSError:  # another writer took this version number first: take the next one
                 if not (adapter_root / version).exists():
                     raise
-        write_bytes_atomic(adapter_root / LATEST, f"{version}\n".encode())
+        fault_point("publish:renamed")
+        if promote:
+            self._move_latest(name, version, "promote", reason, only_forward=True)
+        fault_point("publish:promoted")
         return Adapter(name, version, adapter_root / version, full_manifest)
 
     def _next_version_number(self, name: str) -> int:
         nums = [int(v[1:]) for v in self.adapter_versions(name, include_unverified=True)]
         return max(nums, default=0) + 1
+
+    # -- adapter lifecycle: promotion, rollback, deletion, leftovers (write path) ------------------
+    def version_of_run(self, name: str, run_id: str) -> Adapter | None:
+        """The published version of ``name`` whose manifest records ``run_id``, if any (files not verified)."""
+        for version in reversed(self.adapter_versions(name)):
+            try:
+                found = self.adapter(f"{name}@{version}", verify=False)
+            except StoreError:
+                continue
+            if isinstance(found.manifest, dict) and found.manifest.get("run_id") == run_id:
+                return found
+        return None
+
+    def ensure_promoted(self, name: str, version: str, reason: str) -> bool:
+        """Finish an automatic promotion that a crash cut short (idempotent; never moves LATEST backwards)."""
+        return self._move_latest(name, version, "promote", reason, only_forward=True)
+
+    def promotions(self, name: str) -> list[dict[str, Any]]:
+        """promotions.json of ``name`` (oldest first); [] before the first promotion."""
+        path = self.adapters_dir / check_name(name) / PROMOTIONS
+        if not path.is_file():
+            return []
+        history = read_json(path)
+        if not isinstance(history, list) or not all(isinstance(e, dict) for e in history):
+            raise StoreError(f"{path}: must be a JSON list of promotion entries; restore it or delete it")
+        return history
+
+    def promote(self, name: str, version: str, reason: str = "promoted by hand") -> str:
+        """Point LATEST at ``name@version`` (verified first), recording it in promotions.json; returns the version."""
+        self.adapter(f"{name}@{version}")  # refuses a missing, unpublished or corrupt version
+        self._move_latest(name, version, "promote", reason, only_forward=False)
+        return version
+
+    def rollback(self, name: str, reason: str | None = None) -> str:
+        """Move LATEST back to the version promoted before the current one (see :func:`rollback_target`)."""
+        with self._adapter_lock(name):
+            current = self.latest_version(name)
+            available = set()
+            for version in self.adapter_versions(name):
+                with contextlib.suppress(StoreError):
+                    self.adapter(f"{name}@{version}")
+                    available.add(version)
+            target = rollback_target(self.promotions(name), current, available)
+            if target is None:
+                raise StoreError(
+                    f"adapter {name!r}: nothing to roll back to (LATEST is {current or 'unset'} and no earlier "
+                    "promoted version is still in the store); promote a version with `lorastack adapters promote`"
+                )
+            self._write_history_and_latest(
+                name, target, "rollback", reason or f"rolled back from {current}", append=True
+            )
+        return target
+
+    def delete_version(self, name: str, version: str, *, force: bool = False) -> str | None:
+        """Delete ``name@version``. Refuses the version LATEST names unless ``force``; then LATEST rolls back
+        to the previously promoted version (or is removed when there is none). Returns LATEST afterwards."""
+        check_name(name)
+        if not VERSION_RE.fullmatch(version or ""):
+            raise StoreError(f"invalid adapter version {version!r}: versions look like 'v3'")
+        path = self.adapters_dir / name / version
+        if not path.is_dir():
+            raise StoreError(f"adapter {name}@{version} is not in the store at {self.adapters_dir}")
+        with self._adapter_lock(name):
+            latest = self.latest_version(name)
+            if latest == version:
+                if not force:
+                    raise StoreError(
+                        f"{name}@{version} is the version LATEST names (it is being served); promote or roll back "
+                        "to another version first, or pass --force to delete it anyway"
+                    )
+                others = set(self.adapter_versions(name)) - {version}
+                target = rollback_target(self.promotions(name), version, others)
+                if target is not None:
+                    self._write_history_and_latest(
+                        name, target, "rollback", f"{version} deleted", append=True
+                    )
+                else:
+                    (self.adapters_dir / name / LATEST).unlink(missing_ok=True)
+            # Rename first: readers never see a half-deleted directory that still has its manifest.
+            doomed = path.with_name(f"{_TMP_PREFIX}deleted-{version}-{uuid.uuid4().hex[:8]}")
+            os.rename(path, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+            return self.latest_version(name)
+
+    def _move_latest(self, name: str, version: str, action: str, reason: str, *, only_forward: bool) -> bool:
+        """Record the move in promotions.json, then point LATEST at ``version`` (under the adapter's lock).
+
+        ``only_forward`` (automatic promotion after training): never move LATEST to an older version than it
+        names now, e.g. when two runs publish concurrently and the later version was promoted first.
+        Idempotent: finishing a move cut short (history written, LATEST not) does not add a second entry.
+        """
+        with self._adapter_lock(name):
+            current = self.latest_version(name)
+            if current == version and self._last_entry_is(name, version, action):
+                return True
+            if only_forward and current is not None and int(current[1:]) > int(version[1:]):
+                return False
+            self._write_history_and_latest(
+                name, version, action, reason, append=not self._last_entry_is(name, version, action)
+            )
+            return True
+
+    def _last_entry_is(self, name: str, version: str, action: str) -> bool:
+        history = self.promotions(name)
+        return bool(history) and history[-1].get("version") == version and history[-1].get("action") == action
+
+    def _write_history_and_latest(self, name: str, version: str, action: str, reason: str, *, append: bool) -> None:
+        root = self.adapters_dir / name
+        if append:
+            write_json_atomic(root / PROMOTIONS, [*self.promotions(name), promotion_entry(version, action, reason)])
+        fault_point("latest:history")
+        write_bytes_atomic(root / LATEST, f"{version}\n".encode())
+
+    def _adapter_lock(self, name: str) -> StoreLock:
+        """Serialises moves of one adapter's LATEST and promotions.json (held for milliseconds)."""
+        return StoreLock(self.adapters_dir / check_name(name) / ".lock", f"adapter {name}", stale_s=30, wait_s=30)
+
+    def clean_leftovers(self, name: str) -> list[Path]:
+        """Remove what killed writers left in ``adapters/<name>/``: staging directories and ``.tmp-*`` files
+        (LATEST, promotions.json) whose writer is dead, or that are older than an hour. Returns what went."""
+        return _clean_tmp(self.adapters_dir / check_name(name))
+
+    # -- runs: one trainer per run, pruning, removal (write path) ---------------------------------
+    def run_lock(self, run_id: str) -> StoreLock:
+        """The lock that keeps a second trainer off a run (``runs/<id>/lock``: pid, host, heartbeat)."""
+        return StoreLock(self.run_dir(run_id) / "lock", f"run {run_id}", heartbeat=True)
+
+    def run_lock_holder(self, run_id: str) -> dict[str, Any] | None:
+        """Who holds the run's lock (pid, host, heartbeat_at, alive), or None when nobody does."""
+        return self.run_lock(run_id).holder()
+
+    def prune_checkpoints(self, run_id: str, keep: int = 0) -> list[Path]:
+        """Delete all but the newest ``keep`` complete checkpoints of a run (and every incomplete one)."""
+        removed = []
+        complete = self.complete_checkpoints(run_id)
+        keep_paths = {p for _, p in complete[len(complete) - keep :]} if keep > 0 else set()
+        root = self.checkpoints_dir(run_id)
+        if root.is_dir():
+            for child in sorted(root.iterdir()):
+                if child.is_dir() and child not in keep_paths:
+                    (child / COMPLETE).unlink(missing_ok=True)  # unmark first: never a marked half directory
+                    shutil.rmtree(child, ignore_errors=True)
+                    removed.append(child)
+        return removed
+
+    def run_ids(self) -> list[str]:
+        """Every run directory's id, sorted."""
+        if not self.runs_dir.is_dir():
+            return []
+        return sorted(d.name for d in self.runs_dir.iterdir() if d.is_dir() and NAME_RE.fullmatch(d.name))
+
+    def remove_run(self, run_id: str, *, force: bool = False) -> None:
+        """Delete ``runs/<id>/`` (spec, status, results, checkpoints). Refuses while a live trainer holds it."""
+        path = self.run_dir(run_id)
+        if not path.is_dir():
+            raise StoreError(f"run {run_id!r} is not in the store at {self.runs_dir}")
+        holder = self.run_lock_holder(run_id)
+        if holder and holder.get("alive") and not force:
+            raise StoreError(
+                f"run {run_id} is being trained by pid {holder.get('pid')} on {holder.get('host')} "
+                "(its lock is fresh); stop it first, or pass --force"
+            )
+        doomed = self.runs_dir / f"{_TMP_PREFIX}deleted-{run_id[:40]}-{uuid.uuid4().hex[:8]}"
+        os.rename(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
     def adapter_names(self) -> list[str]:
         """Names of adapters that have a LATEST pointer (i.e. at least one finished publish)."""

@@ -72,12 +72,16 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_TIME_BUDGET = 3  # stopped itself before the time budget ran out; rerun to continue
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: the replica was asked to stop; rerun (a job retry) resumes
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C (a checkpoint is saved once training has started); rerun resumes
 
 NEXT_RUN = "next"  # `lorastack train --run next`: claim the oldest run queued on the store
 # Written into every checkpoint: what it was trained from, so a resume with other settings is refused.
 IDENTITY_FILE = "lorastack-run.json"
 # Extra keys lorastack adds to the resolved spec in runs/<id>/spec.yaml.
-RUN_KEYS = ("run_id", "dataset_sha256")
+RUN_KEYS = ("run_id", "dataset_sha256", "holdout")
+MIN_TRAINING_EXAMPLES = 10  # Azure's minimum, checked by lorastack.data; a hold-out never goes below it
+TOKEN_WARNING_CODES = ("too_long",)  # data warnings only the tokenizer pass can find (lorastack.data)
+BEST_DIR = "best"  # runs/<id>/best/: the adapter weights of the best evaluation (keep_best)
 
 # Dense bf16/fp16 peak FLOP/s per GPU (vendor datasheets, without sparsity), for MFU in the log.
 GPU_PEAK_FLOPS = {
@@ -100,13 +104,53 @@ class DatasetError(TrainerError):
     """A dataset failed validation; the message lists ``file:line: code: message`` entries."""
 
 
-def setup_logging() -> None:
+def setup_logging(verbose: bool = False) -> None:
+    """lorastack's log lines on stderr; third-party chatter (HF progress bars and info, the bitsandbytes
+    ``kernels`` warning) only with ``verbose``. Call before torch/transformers are imported."""
     if not log.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s lorastack: %(message)s", "%H:%M:%S"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
+    quiet_libraries(verbose)
+
+
+def quiet_libraries(verbose: bool = False) -> None:
+    """Silence what the libraries print on their own, unless ``verbose``: one progress bar is ours."""
+    if verbose:
+        log.setLevel(logging.DEBUG)
+        return
+    # transformers 5 renames gradient_checkpointing* to activation_checkpointing* in v6; TRL/peft still use the
+    # old names, so the FutureWarning is noise for our users.
+    warnings.filterwarnings("ignore", message=r".*gradient_checkpointing\w*` is deprecated", category=FutureWarning)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # bitsandbytes warns on every CPU run that the optional `kernels` package is missing; the fallback is fine.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    for name in ("transformers", "datasets", "trl", "peft", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    if "datasets" in sys.modules:
+        import datasets
+
+        datasets.disable_progress_bars()
+
+
+# Warnings already shown in this process (finetune checks the data before training, then the trainer checks it
+# again with the tokenizer): each is printed once, under the user's file name.
+_SHOWN_WARNINGS: set[str] = set()
+
+
+def _warn_once(text: str) -> None:
+    if text not in _SHOWN_WARNINGS:
+        _SHOWN_WARNINGS.add(text)
+        log.warning("%s", text)
 
 
 def is_user_error(exc: Exception) -> bool:
@@ -164,17 +208,28 @@ def prepare_run(store: Store, spec_path: str | os.PathLike[str], overrides: Any 
     spec = load_spec(spec_path, overrides)
     # <name>-<fingerprint[:12]>: the same spec and data always map to the same run (and resume it).
     run_id = spec.run_id()
+    holder = store.run_lock_holder(run_id) if store.run_dir(run_id).is_dir() else None
+    if holder and holder.get("alive"):  # checked before status.json is touched: it belongs to that trainer
+        raise TrainerError(
+            f"run {run_id} is already being trained by pid {holder.get('pid')} on {holder.get('host')} "
+            f"(heartbeat {holder.get('heartbeat_age_s')}s ago); one trainer per run: wait for it or stop it"
+        )
     reporter = RunReporter(store, run_id)
     reporter.update("validating", message=f"checking {spec_path} and its datasets")
     paths = {role: Path(p) for role, p in spec.data_files().items()}
     try:
         for warning in validate_datasets(paths):
-            log.warning("%s", warning)
+            _warn_once(warning)
     except DatasetError as exc:
         _fail(reporter, str(exc))
         raise
     shas = {role: store.put_dataset(path)[0] for role, path in paths.items()}
     doc = {**spec.resolved_dict(), "run_id": run_id, "dataset_sha256": shas}
+    if "validation" not in paths and spec.training.holdout > 0:
+        split = hold_out(store, paths["training"], spec.training.holdout, spec.training.seed)
+        if split is not None:
+            doc["dataset_sha256"] = {"training": split["training"], "validation": split["validation"]}
+            doc["holdout"] = split["holdout"]
     spec_file = store.run_dir(run_id) / SPEC_FILE
     if spec_file.is_file():
         old = yaml.safe_load(spec_file.read_text(encoding="utf-8")) or {}
@@ -188,6 +243,48 @@ def prepare_run(store: Store, spec_path: str | os.PathLike[str], overrides: Any 
             raise err
     write_bytes_atomic(spec_file, yaml.safe_dump(doc, sort_keys=False).encode("utf-8"))
     return run_id
+
+
+def hold_out(store: Store, path: Path, fraction: float, seed: int) -> dict[str, Any] | None:
+    """Split a training file (no validation file given) into a training part and a seeded held-out part.
+
+    ``fraction`` of the examples (at least one) are held out, but never so many that fewer than
+    MIN_TRAINING_EXAMPLES remain. Both parts go into the store content-addressed; returns their sha256 and
+    what was done, or None (and says why) when the file is too small to spare an example.
+    """
+    import random
+
+    lines = [ln for ln in path.read_text(encoding="utf-8-sig").splitlines() if ln.strip()]
+    n = len(lines)
+    k = min(max(1, round(n * fraction)), n - MIN_TRAINING_EXAMPLES)
+    if k < 1:
+        log.warning(
+            "no validation file and only %d training examples: nothing is held out (training needs at least %d); "
+            "add a validation_file to evaluate this run",
+            n,
+            MIN_TRAINING_EXAMPLES,
+        )
+        return None
+    held = set(random.Random(seed).sample(range(n), k))
+    parts = {
+        "training": [ln for i, ln in enumerate(lines) if i not in held],
+        "validation": [ln for i, ln in enumerate(lines) if i in held],
+    }
+    shas = {}
+    with tempfile.TemporaryDirectory(prefix="lorastack-holdout-") as tmp:
+        for role, part in parts.items():
+            f = Path(tmp) / f"{role}.jsonl"
+            f.write_text("\n".join(part) + "\n", encoding="utf-8")
+            shas[role] = store.put_dataset(f)[0]
+    log.info(
+        "no validation file: holding out %d of %d training examples (seeded %g%%, seed %d) to evaluate on",
+        k, n, fraction * 100, seed,
+    )
+    return {
+        **shas,
+        "holdout": {"from_sha256": store.put_dataset(path)[0], "examples": k, "of": n, "fraction": fraction,
+                    "seed": seed},
+    }
 
 
 def _fail(reporter: RunReporter, error: str) -> None:
@@ -394,7 +491,7 @@ def encode_file(path: Path, tokenizer: Any, max_seq_len: int) -> EncodedData:
 
 
 def encode_datasets(
-    paths: dict[str, Path], tokenizer: Any, max_seq_len: int
+    paths: dict[str, Path], tokenizer: Any, max_seq_len: int, display: dict[str, str] | None = None
 ) -> tuple[EncodedData, EncodedData | None]:
     """Check the datasets with the tokenizer, then encode them: (training, validation or None).
 
@@ -402,7 +499,13 @@ def encode_datasets(
     left. A validation file with nothing to score is dropped (None), so the run trains without evaluation.
     """
     for warning in validate_datasets(paths, tokenizer=tokenizer, max_seq_len=max_seq_len):
-        log.warning("%s", warning)
+        # The structural warnings were shown when the run was prepared (finetune, or the cloud submit); this
+        # pass adds only what needs the tokenizer.
+        if not any(f": warning: {code}:" in warning for code in TOKEN_WARNING_CODES):
+            continue
+        for stored, shown in (display or {}).items():  # the user's file name, not the store's sha256 path
+            warning = warning.replace(stored, shown)
+        _warn_once(warning)
     train_data = encode_file(paths["training"], tokenizer, max_seq_len)
     eval_data = encode_file(paths["validation"], tokenizer, max_seq_len) if "validation" in paths else None
     if not train_data.rows:
@@ -438,9 +541,21 @@ def encode_datasets(
 # ---------------------------------------------------------------------------------------------------
 @dataclass
 class StopFlags:
-    """Set by the signal handlers; read at each step end."""
+    """Set by the signal handlers; read at each step end and before every evaluation batch.
+
+    While ``immediate`` (loading the tokenizer, the data or the model: nothing to checkpoint yet), a signal
+    raises :class:`_StopNow` at once, so Ctrl-C works during a long model load or download.
+    """
 
     signal_name: str | None = None
+    immediate: bool = True
+
+    def stop_requested(self) -> bool:
+        return self.signal_name is not None
+
+
+class _StopNow(BaseException):
+    """A signal arrived while nothing could be checkpointed: stop without one (nothing was trained yet)."""
 
 
 @dataclass
@@ -451,10 +566,11 @@ class Outcome:
     exit_code: int
     adapter_ref: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    promotion: dict[str, Any] | None = None
 
 
 class _SignalGuard:
-    """SIGTERM/SIGINT set a flag instead of killing the process; a second SIGINT interrupts."""
+    """SIGTERM/SIGINT set a flag instead of killing the process; a second SIGINT interrupts at once."""
 
     def __init__(self, flags: StopFlags):
         self.flags = flags
@@ -471,10 +587,19 @@ class _SignalGuard:
         if signum == signal.SIGINT and self.flags.signal_name == "SIGINT":
             raise KeyboardInterrupt
         self.flags.signal_name = signal.Signals(signum).name
+        if self.flags.immediate:
+            raise _StopNow
 
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+def _signal_outcome(flags: StopFlags) -> tuple[str, int]:
+    """(phase, exit code) for a stop by signal: Ctrl-C is 130 (the shell convention), SIGTERM 143."""
+    if flags.signal_name == "SIGINT":
+        return "stopped", EXIT_INTERRUPTED
+    return "preempted", EXIT_PREEMPTED
 
 
 @dataclass
@@ -489,33 +614,60 @@ class _Run:
     flags: StopFlags
     started: float  # time.monotonic() when the process started (the time budget counts from there)
     interactive: bool
+    verbose: bool = False
 
-    def emit(self, line: str) -> None:
-        """A progress line: above the tqdm bar when interactive, else to the log."""
+    def emit(self, line: str, *, always: bool = False) -> None:
+        """A progress line: above the progress bar when interactive (only ``always`` ones unless verbose),
+        else to the log."""
         if self.interactive:
-            from tqdm.auto import tqdm
+            if always or self.verbose:
+                from tqdm.auto import tqdm
 
-            tqdm.write(line, file=sys.stderr)
+                tqdm.write(line, file=sys.stderr)
         else:
             log.info("%s", line)
 
 
 def run_training(
-    store: Store, run_id: str, *, started: float | None = None, interactive: bool = False
+    store: Store, run_id: str, *, started: float | None = None, interactive: bool = False, verbose: bool = False
 ) -> Outcome:
     """Train (or resume) the run ``run_id`` from its spec.yaml and publish its adapter.
 
-    Returns an Outcome; status.json says the same. Never raises for an expected failure (bad data, model
-    not found, refused resume): those end in phase "failed" with the error in status.json.
+    One trainer per run: the run's lock is held throughout; a second process is refused (exit 1, and the
+    first one's status.json is left alone). Returns an Outcome; status.json says the same. Never raises for
+    an expected failure (bad data, model not found, refused resume): those end in phase "failed" with the
+    error in status.json.
     """
     started = time.monotonic() if started is None else started
+    lock = store.run_lock(run_id)
+    try:
+        lock.acquire()
+    except StoreError as exc:
+        log.error("%s", exc)
+        return Outcome("failed", EXIT_FAILED)
+    try:
+        return _run_locked(store, run_id, started, interactive, verbose)
+    finally:
+        lock.release()
+
+
+def _run_locked(store: Store, run_id: str, started: float, interactive: bool, verbose: bool) -> Outcome:
     reporter = RunReporter(store, run_id)
     reporter.start_attempt()
     flags = StopFlags()
     try:
         with _SignalGuard(flags):
-            spec, doc = load_run_spec(store, run_id)
-            return _train(_Run(store, run_id, spec, doc, reporter, flags, started, interactive))
+            try:
+                spec, doc = load_run_spec(store, run_id)
+                return _train(_Run(store, run_id, spec, doc, reporter, flags, started, interactive, verbose))
+            except _StopNow:
+                phase, code = _signal_outcome(flags)
+                reporter.update(
+                    phase,
+                    message=f"stopped by {flags.signal_name} before training started; rerun to start again",
+                    finished_at=utc_now(),
+                )
+                return Outcome(phase, code)
     except TrainerError as exc:
         log.error("%s", exc)
         _fail(reporter, str(exc))
@@ -529,27 +681,29 @@ def run_training(
         return Outcome("failed", EXIT_FAILED)
 
 
-def _early_stop(run: _Run) -> Outcome | None:
-    """Before training starts: stop now if a signal arrived (nothing to checkpoint yet)."""
-    if run.flags.signal_name:
-        run.reporter.update(
-            "preempted",
-            message=f"stopped by {run.flags.signal_name} before training started",
-            finished_at=utc_now(),
-        )
-        return Outcome("preempted", EXIT_PREEMPTED)
-    return None
-
-
 def _already_published(run: _Run) -> Outcome | None:
-    """The run's adapter, if an earlier attempt published it (e.g. a job retry after the publish)."""
-    with contextlib.suppress(StoreError):
-        published = run.store.adapter(run.spec.name, verify=False)
-        if published.manifest.get("run_id") == run.run_id and not run.flags.signal_name:
-            log.info("run %s is already published as %s", run.run_id, published.ref)
-            run.reporter.update("succeeded", adapter=published.ref, finished_at=utc_now())
-            return Outcome("succeeded", EXIT_OK, published.ref, published.manifest.get("metrics", {}))
-    return None
+    """The run's adapter, if an earlier attempt published it: any version whose manifest records this run id
+    (a re-run after a crash between publish steps finishes that version instead of publishing another)."""
+    store, name = run.store, run.spec.name
+    published = store.version_of_run(name, run.run_id)
+    if published is None:
+        return None
+    promotion = published.manifest.get("promotion") or {}
+    if promotion.get("verdict") == "promoted":
+        store.ensure_promoted(name, published.version, _promotion_reason(promotion))
+    log.info("run %s is already published as %s", run.run_id, published.ref)
+    _after_publish(run)
+    run.reporter.update("succeeded", adapter=published.ref, finished_at=utc_now(), message=None)
+    return Outcome("succeeded", EXIT_OK, published.ref, published.manifest.get("metrics", {}), promotion)
+
+
+def _after_publish(run: _Run) -> None:
+    """Prune the run's checkpoints (``training.keep_checkpoints`` kept; none by default) and the best copy."""
+    keep = run.spec.training.keep_checkpoints
+    removed = run.store.prune_checkpoints(run.run_id, keep)
+    shutil.rmtree(run.store.run_dir(run.run_id) / BEST_DIR, ignore_errors=True)
+    if removed:
+        log.info("removed %d checkpoint(s) of the published run (keep_checkpoints: %d)", len(removed), keep)
 
 
 def _train(run: _Run) -> Outcome:
@@ -557,6 +711,7 @@ def _train(run: _Run) -> Outcome:
     store, run_id, spec = run.store, run.run_id, run.spec
     if done := _already_published(run):
         return done
+    _clean_run_leftovers(store, run_id)
 
     for path in remove_incomplete_checkpoints(store, run_id):
         log.info("removed incomplete checkpoint %s (its writer was stopped mid-save)", path.name)
@@ -568,17 +723,61 @@ def _train(run: _Run) -> Outcome:
     run.reporter.update(
         "validating", message=f"checking the datasets with the tokenizer of {spec.base_model}"
     )
+    quiet_libraries(run.verbose)
     tokenizer = load_tokenizer(spec, store)
+    check_context_length(spec, store)
     paths = {role: store.dataset_path(sha) for role, sha in run.doc["dataset_sha256"].items()}
-    train_data, eval_data = encode_datasets(paths, tokenizer, spec.max_seq_len)
-    if stop := _early_stop(run):
-        return stop
+    train_data, eval_data = encode_datasets(paths, tokenizer, spec.max_seq_len, _display_names(run.doc, paths))
 
     run.reporter.update("loading", message=f"loading {spec.base_model} in 4-bit")
     model, revision = load_base_model(spec, store)
-    if stop := _early_stop(run):
-        return stop
+    quiet_libraries(run.verbose)
     return _fit_and_publish(run, tokenizer, model, revision, train_data, eval_data, resume_from)
+
+
+def _clean_run_leftovers(store: Store, run_id: str) -> None:
+    from lorastack.store import _clean_tmp
+
+    for path in _clean_tmp(store.run_dir(run_id)):
+        log.info("removed %s, left by a killed writer", path.name)
+
+
+def _display_names(doc: dict[str, Any], paths: dict[str, Path]) -> dict[str, str]:
+    """Stored dataset path -> the name the user knows it by (for warnings)."""
+    names = {}
+    held = doc.get("holdout")
+    for role, path in paths.items():
+        original = doc.get("training_file") if (role == "training" or held) else doc.get("validation_file")
+        if original:
+            names[str(path)] = f"{original} ({role} part)" if held else str(original)
+    return names
+
+
+def check_context_length(spec: RunSpec, store: Store) -> None:
+    """Refuse a max_seq_len longer than the base model's context (positions past it were never trained)."""
+    from transformers import AutoConfig
+
+    name, kwargs, _ = models.model_source(spec.base_model, spec.base_revision, models.hub_cache_dir(store.models_dir))
+    try:
+        config = AutoConfig.from_pretrained(name, **kwargs)
+    except (OSError, ValueError):
+        return  # the model load that follows names the problem
+    context = getattr(config, "max_position_embeddings", None)
+    if isinstance(context, int) and spec.max_seq_len > context:
+        raise TrainerError(
+            f"max_seq_len {spec.max_seq_len} is longer than the context of {spec.base_model} ({context} tokens); "
+            f"set max_seq_len: {context} or less in the spec (or --set max_seq_len={context})"
+        )
+
+
+def _checkpoint_record(checkpoint: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(lorastack record, HF trainer_state) of a checkpoint; empty dicts for none."""
+    if checkpoint is None:
+        return {}, {}
+    record = json.loads((checkpoint / IDENTITY_FILE).read_text(encoding="utf-8"))
+    state_file = checkpoint / "trainer_state.json"
+    state = json.loads(state_file.read_text(encoding="utf-8")) if state_file.is_file() else {}
+    return record, state
 
 
 def _fit_and_publish(
@@ -590,13 +789,20 @@ def _fit_and_publish(
     eval_data: EncodedData | None,
     resume_from: Path | None,
 ) -> Outcome:
-    """Train to the end (or to a signal or the time budget), evaluate, publish; the Outcome says which."""
+    """Train to the end (or to a signal, early stop or the time budget), evaluate, publish; the Outcome says which."""
     store, run_id, spec, reporter = run.store, run.run_id, run.spec, run.reporter
-    resumed_step = int(resume_from.name.split("-")[-1]) if resume_from else 0
+    record, hf_state = _checkpoint_record(resume_from)
+    resumed_step = int(hf_state.get("global_step", resume_from.name.split("-")[-1])) if resume_from else 0
+    # A checkpoint taken after the last step (a signal during the last step or the final evaluation) is
+    # finished training: the re-run evaluates and publishes it and never trains a step past max_steps.
+    done_training = bool(record.get("training_done")) or (
+        resume_from is not None and 0 < int(hf_state.get("max_steps") or 0) <= resumed_step
+    )
     if resume_from is not None:
         reporter.truncate_after(resumed_step)
-        log.info("resuming from %s (step %d)", resume_from.name, resumed_step)
-    monitor = _RunMonitor(run, non_embedding_params(model), _peak_flops())
+        log.info("resuming from %s (step %d)%s", resume_from.name, resumed_step,
+                 "; training is already complete" if done_training else "")
+    monitor = _RunMonitor(run, non_embedding_params(model), _peak_flops(), prior=record)
     trainer = _build_run_trainer(run, monitor, model, tokenizer, train_data, eval_data)
     reporter.update(
         "training",
@@ -605,18 +811,57 @@ def _fit_and_publish(
         message=f"resumed from {resume_from.name}" if resume_from else None,
     )
     t0 = time.monotonic()
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    run.flags.immediate = False  # from here on a signal is answered with a checkpoint
+    if run.flags.stop_requested():
+        phase, code = _signal_outcome(run.flags)
+        reporter.update(phase, message=f"stopped by {run.flags.signal_name} before training started",
+                        finished_at=utc_now())
+        return Outcome(phase, code)
+    if done_training:
+        trainer._load_from_checkpoint(str(resume_from))  # the weights only: nothing is left to train
+        from transformers import TrainerState
+
+        trainer.state = TrainerState.load_from_json(str(resume_from / "trainer_state.json"))
+    else:
+        try:
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        except _EvalInterrupted:
+            # A signal during a mid-training evaluation: the step before it is whole; checkpoint it and stop.
+            monitor.stop_reason = "signal"
+            _save_now(trainer, monitor)
     metrics = monitor.metrics(wall=time.monotonic() - t0)
     step = trainer.state.global_step
-    if monitor.stop_reason is not None:
+    if monitor.stop_reason in ("signal", "time_budget"):
         return _stopped(run, monitor.stop_reason, step, metrics)
-    if eval_data and eval_data.rows:
-        monitor.final_eval = True  # recorded here as full_valid_*, not as a per-step valid_loss
-        metrics.update(_final_evaluation(run, trainer, step))
+    if monitor.stop_reason == "early_stopping":
+        log.info("early stopping at step %d: no better validation loss for %d evaluations",
+                 step, spec.training.early_stopping_patience)
+        metrics["early_stopped_at"] = step
+    if spec.training.keep_best and (best := _load_best(run, trainer.model)) is not None:
+        metrics.update(best)
+
+    has_eval = bool(eval_data and eval_data.rows)
+    policy = spec.promote_policy(has_eval)
+    try:
+        promotion, evaluation = _gate(run, trainer.model, tokenizer, eval_data, policy, revision)
+    except _GateInterrupted:
+        # Trained but not yet evaluated: keep the trained weights in a checkpoint marked done, then stop.
+        monitor.stop_reason = "signal"
+        monitor.training_done = True
+        _save_now(trainer, monitor)
+        return _stopped(run, "signal", step, metrics)
+    if promotion.get("candidate_loss") is not None:
+        metrics["eval_loss"] = promotion["candidate_loss"]
+        metrics["full_valid_loss"] = promotion["candidate_loss"]
+        metrics["full_valid_mean_token_accuracy"] = promotion.get("candidate_token_accuracy")
+        reporter.record(step, full_valid_loss=metrics["eval_loss"],
+                        full_valid_mean_token_accuracy=_f(promotion.get("candidate_token_accuracy")))
 
     reporter.update("publishing", step=step, message="publishing the adapter")
-    adapter = publish(store, run_id, spec, run.doc, trainer.model, tokenizer, revision, metrics)
-    log.info("published adapter %s (%s)", adapter.ref, adapter.path)
+    adapter = publish(store, run_id, spec, run.doc, trainer.model, tokenizer, revision, metrics,
+                      promotion=promotion, evaluation=evaluation)
+    log.info("published adapter %s (%s); %s", adapter.ref, adapter.path, _describe_promotion(adapter.ref, promotion))
+    _after_publish(run)
     merged = None
     if spec.merge_16bit:
         del trainer, model, monitor  # let the 4-bit training copy go before a 16-bit base is loaded
@@ -627,11 +872,128 @@ def _fit_and_publish(
         step=step,
         adapter=adapter.ref,
         metrics=metrics,
+        promotion=promotion,
         merged=str(merged) if merged else None,
         message=None,
         finished_at=utc_now(),
     )
-    return Outcome("succeeded", EXIT_OK, adapter.ref, metrics)
+    return Outcome("succeeded", EXIT_OK, adapter.ref, metrics, promotion)
+
+
+def _save_now(trainer: Any, monitor: _RunMonitor) -> None:
+    """Write a checkpoint of the current step outside the trainer's own save points (then marked COMPLETE)."""
+    trainer._save_checkpoint(trainer.model, trial=None)
+    monitor.saved(Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}")
+
+
+class _EvalInterrupted(Exception):
+    """Raised from an evaluation batch when a signal arrived (see _RunMonitor.prediction_step)."""
+
+
+class _GateInterrupted(Exception):
+    """A signal arrived during the final evaluation / promotion gate."""
+
+
+def _describe_promotion(ref: str, promotion: dict[str, Any]) -> str:
+    verdict = promotion.get("verdict")
+    if verdict == "promoted":
+        return f"promoted to LATEST ({_promotion_reason(promotion)})"
+    if verdict == "kept":
+        return (f"NOT promoted: {_promotion_reason(promotion)}; LATEST stays. Promote it by hand with "
+                f"`lorastack adapters promote {ref}`")
+    return f"not promoted (promote: never); `lorastack adapters promote {ref}` serves it"
+
+
+def _promotion_reason(promotion: dict[str, Any]) -> str:
+    policy, cand, base = promotion.get("policy"), promotion.get("candidate_loss"), promotion.get("baseline_loss")
+    if policy == "if_better" and cand is not None and base is not None:
+        cmp = "<" if promotion.get("verdict") == "promoted" else ">="
+        return f"if_better: eval loss {cand:.4f} {cmp} {base:.4f} of {promotion.get('baseline')}"
+    return f"promote: {policy}"
+
+
+def _gate(
+    run: _Run, model: Any, tokenizer: Any, eval_data: EncodedData | None, policy: str, revision: str | None
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The final evaluation and the promotion verdict: (manifest ``promotion``, eval.json metrics or None).
+
+    The candidate and its baseline (the current LATEST on the same base, else the base model itself) are
+    scored on the same validation rows with the same masks, on the one model in memory (the baseline
+    adapter is loaded beside the trained one, or the adapter is switched off for the base).
+    """
+    from lorastack import evaluate
+
+    promotion: dict[str, Any] = {"policy": policy, "verdict": None, "candidate_loss": None,
+                                 "baseline": None, "baseline_loss": None}
+    if not (eval_data and eval_data.rows):
+        if policy == "if_better":
+            log.warning("promote: if_better, but the run has no validation data to compare on: promoting it")
+        promotion["verdict"] = "skipped" if policy == "never" else "promoted"
+        return promotion, None
+    run.reporter.update("training", message="final evaluation")
+    stop = run.flags.stop_requested
+    batch = run.spec.training.per_device_batch_size
+    pad = tokenizer.pad_token_id
+    try:
+        if stop():
+            raise evaluate.ScoringInterrupted
+        cand = evaluate.score_rows(model, eval_data.rows, pad, batch_size=batch, should_stop=stop)
+        scores = {run.spec.name: cand}
+        baseline_label = None
+        if policy == "if_better":
+            baseline_label, baseline = _baseline_adapter(run, revision)
+            if baseline is None:
+                with model.disable_adapter():
+                    scores[evaluate.BASE] = evaluate.score_rows(model, eval_data.rows, pad, batch_size=batch,
+                                                                should_stop=stop)
+            else:
+                model.load_adapter(str(baseline.path), adapter_name=evaluate.BASELINE_ADAPTER)
+                try:
+                    with evaluate.as_model(model, evaluate.BASELINE_ADAPTER):
+                        scores[baseline_label] = evaluate.score_rows(model, eval_data.rows, pad, batch_size=batch,
+                                                                     should_stop=stop)
+                finally:
+                    model.delete_adapter(evaluate.BASELINE_ADAPTER)
+    except evaluate.ScoringInterrupted:
+        raise _GateInterrupted from None
+    promotion["candidate_loss"] = cand["loss"]
+    promotion["candidate_token_accuracy"] = cand["token_accuracy"]
+    if policy == "if_better":
+        base_loss = scores[baseline_label]["loss"]
+        promotion.update(baseline=baseline_label, baseline_loss=base_loss,
+                         verdict="promoted" if evaluate.verdict(cand["loss"], base_loss) else "kept")
+    else:
+        promotion["verdict"] = "skipped" if policy == "never" else "promoted"
+    return promotion, scores
+
+
+def _baseline_adapter(run: _Run, revision: str | None) -> tuple[str, Any]:
+    """(label, Adapter or None): what a new version must beat, the current LATEST if it is on this base."""
+    from lorastack import evaluate
+
+    with contextlib.suppress(StoreError):
+        latest = run.store.adapter(run.spec.name)  # verified
+        if latest.base_model == str(run.spec.base_model) and (
+            revision is None or latest.base_revision in (None, revision)
+        ):
+            return latest.ref, latest
+        log.info("LATEST %s is on another base model: comparing against the base model instead", latest.ref)
+    return evaluate.BASE, None
+
+
+def _load_best(run: _Run, model: Any) -> dict[str, Any] | None:
+    """With keep_best: put the best evaluation's adapter weights (runs/<id>/best/) back into ``model``."""
+    best = run.store.run_dir(run.run_id) / BEST_DIR
+    info_file = best / "best.json"
+    if not info_file.is_file():
+        return None
+    info = json.loads(info_file.read_text(encoding="utf-8"))
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(str(best / "adapter_model.safetensors")))
+    log.info("keep_best: publishing the weights of step %d (validation loss %.4f)", info["step"], info["eval_loss"])
+    return {"best_step": info["step"], "best_valid_loss": info["eval_loss"]}
 
 
 def _build_run_trainer(
@@ -643,6 +1005,8 @@ def _build_run_trainer(
     eval_data: EncodedData | None,
 ) -> Any:
     """The SFT trainer for this run: checkpoints under runs/<id>/checkpoints, reporting to ``monitor``."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
     ckpt_root = run.store.checkpoints_dir(run.run_id)
     ckpt_root.mkdir(parents=True, exist_ok=True)
     trainer = build_sft_trainer(
@@ -656,12 +1020,12 @@ def _build_run_trainer(
         callbacks=[monitor.trainer_callback()],
     )
     monitor.trainer = trainer
+    # HF's own printers dump raw dicts ({'loss': ...}) on stdout and draw bars for evaluations; ours is one bar.
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
     if run.interactive:
-        from transformers.trainer_callback import ProgressCallback
-
-        trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(_quiet_progress_callback())
-    log.info(
+        trainer.add_callback(monitor.progress_bar_callback())
+    log.debug(
         "model: %s non-embedding params (6N = %.3g FLOP/token); device %s; packing %s",
         f"{monitor.n_params:,}",
         6 * monitor.n_params,
@@ -671,21 +1035,11 @@ def _build_run_trainer(
     return trainer
 
 
-def _final_evaluation(run: _Run, trainer: Any, step: int) -> dict[str, Any]:
-    """Loss and token accuracy on the whole validation set after training (also in results.csv)."""
-    ev = trainer.evaluate()
-    result = {
-        "full_valid_loss": float(ev["eval_loss"]),
-        "full_valid_mean_token_accuracy": _f(ev.get("eval_mean_token_accuracy")),
-    }
-    run.reporter.record(step, **result)
-    return result
-
-
 def _stopped(run: _Run, reason: str, step: int, metrics: dict[str, Any]) -> Outcome:
     """The run stopped itself with a checkpoint: on a signal (preempted) or before the time budget ran out."""
     if reason == "signal":
-        phase, code, what = "preempted", EXIT_PREEMPTED, f"stopped by {run.flags.signal_name} at step {step}"
+        phase, code = _signal_outcome(run.flags)
+        what = f"stopped by {run.flags.signal_name} at step {step}"
     else:
         phase, code, what = "stopped", EXIT_TIME_BUDGET, f"stopped: time budget (step {step})"
     run.reporter.update(
@@ -700,12 +1054,15 @@ class _RunMonitor:
     """Watches the training loop: throughput, status.json and results.csv, and when to checkpoint or stop.
 
     Checkpoints are saved on the time cadence (``save_every_minutes``), on a signal, and before the time
-    budget runs out; each is marked COMPLETE (trusted) only once whole, then old ones are rotated.
-    ``trainer_callback()`` forwards the transformers Trainer's events here.
+    budget runs out; each is marked COMPLETE (trusted) only once whole, then old ones are rotated. Each
+    checkpoint records the run's cumulative metrics (tokens, runtime, first loss) and early-stopping state,
+    so a resumed run reports what an uninterrupted one would. ``trainer_callback()`` forwards the
+    transformers Trainer's events here.
     """
 
-    def __init__(self, run: _Run, n_params: int, peak_flops: float | None):
+    def __init__(self, run: _Run, n_params: int, peak_flops: float | None, prior: dict[str, Any] | None = None):
         t = run.spec.training
+        prior = prior or {}
         self.run = run
         self.n_params = n_params
         self.peak = peak_flops
@@ -714,15 +1071,27 @@ class _RunMonitor:
         self.keep = t.save_total_limit
         self.trainer: Any = None  # set once built; its token counters feed tokens/s
         self.last_save = time.monotonic()
+        self.attempt_t0 = time.monotonic()
         self.save_t0: float | None = None
         self.save_s = 0.0  # how long the last checkpoint took to write
         self.step_t0: float | None = None
         self.max_step_s = 0.0
         self.train_s = 0.0  # time spent inside training steps (not evaluation or saving)
-        self.stop_reason: str | None = None  # "signal" | "time_budget"
-        self.first_loss: float | None = None
-        self.last_loss: float | None = None
-        self.final_eval = False  # the closing full evaluation is recorded by the caller, not per step
+        self.stop_reason: str | None = None  # "signal" | "time_budget" | "early_stopping"
+        self.training_done = False
+        # Cumulative across attempts, as of the checkpoint this attempt resumed from.
+        done = prior.get("metrics") or {}
+        self.prior_tokens = int(done.get("trained_tokens") or 0)
+        self.prior_loss_tokens = int(done.get("loss_tokens") or 0)
+        self.prior_runtime = float(done.get("train_runtime_s") or 0.0)
+        self.prior_attempts = int(done.get("attempts") or 0)
+        self.first_loss: float | None = done.get("first_loss")
+        self.last_loss: float | None = done.get("last_loss")
+        es = prior.get("early_stopping") or {}
+        self.best_loss: float | None = es.get("best_eval_loss")
+        self.best_step: int | None = es.get("best_step")
+        self.evals_since_best = int(es.get("evals_since_best") or 0)
+        self.bar: Any = None
 
     def trainer_callback(self) -> Any:
         """A transformers TrainerCallback that forwards the loop's events to this monitor."""
@@ -737,6 +1106,18 @@ class _RunMonitor:
             def on_step_end(self, args, state, control, **kw):
                 return monitor.step_ended(state, control)
 
+            def on_epoch_end(self, args, state, control, **kw):
+                if monitor.run.flags.stop_requested():
+                    control.should_evaluate = False  # answer the signal first; no evaluation before exiting
+                return control
+
+            def on_prediction_step(self, args, state, control, **kw):
+                if monitor.run.flags.stop_requested():
+                    raise _EvalInterrupted
+
+            def on_evaluate(self, args, state, control, metrics=None, **kw):
+                return monitor.evaluated(state, control, metrics or {})
+
             def on_save(self, args, state, control, **kw):
                 monitor.saved(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
@@ -744,6 +1125,30 @@ class _RunMonitor:
                 monitor.logged(state, logs or {})
 
         return RunCallback()
+
+    def progress_bar_callback(self) -> Any:
+        """One tqdm bar on stderr for the run: step, ETA, loss and tokens/s (evaluations draw no bar)."""
+        from transformers import TrainerCallback
+
+        monitor = self
+
+        class ProgressBar(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kw):
+                from tqdm.auto import tqdm
+
+                monitor.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training",
+                                   unit="step", file=sys.stderr, dynamic_ncols=True)
+
+            def on_step_end(self, args, state, control, **kw):
+                if monitor.bar is not None:
+                    monitor.bar.update(state.global_step - monitor.bar.n)
+
+            def on_train_end(self, args, state, control, **kw):
+                if monitor.bar is not None:
+                    monitor.bar.close()
+                    monitor.bar = None
+
+        return ProgressBar()
 
     def step_began(self) -> None:
         self.step_t0 = time.monotonic()
@@ -758,6 +1163,8 @@ class _RunMonitor:
         if self.run.flags.signal_name:
             self.stop_reason = "signal"
             control.should_save = control.should_training_stop = True
+            control.should_evaluate = False  # an evaluation would delay the exit past the grace period
+            self.training_done = state.max_steps > 0 and state.global_step >= state.max_steps
         elif self.budget is not None:
             # Leave room for one more step, a checkpoint save and a margin before the budget ends.
             reserve = 2 * self.max_step_s + max(self.save_s * 1.5, 1.0) + min(60.0, 0.05 * self.budget)
@@ -770,12 +1177,33 @@ class _RunMonitor:
             self.save_t0 = now
         return control
 
+    def cumulative(self) -> dict[str, Any]:
+        """Metrics summed over every attempt up to now (what a checkpoint records and the manifest shows)."""
+        tr = self.trainer
+        return {
+            "trained_tokens": self.prior_tokens + (tr.trained_tokens if tr is not None else 0),
+            "loss_tokens": self.prior_loss_tokens + (tr.loss_tokens if tr is not None else 0),
+            "train_runtime_s": round(self.prior_runtime + (time.monotonic() - self.attempt_t0), 2),
+            "attempts": self.prior_attempts + 1,
+            "first_loss": self.first_loss,
+            "last_loss": self.last_loss,
+        }
+
     def saved(self, ckpt: Path) -> None:
         """A checkpoint was written: record what it was trained from, mark it COMPLETE, rotate old ones."""
         run = self.run
         if ckpt.is_dir():
             write_json_atomic(
-                ckpt / IDENTITY_FILE, {"run_id": run.run_id, "spec": run.doc, "saved_at": utc_now()}
+                ckpt / IDENTITY_FILE,
+                {
+                    "run_id": run.run_id,
+                    "spec": run.doc,
+                    "saved_at": utc_now(),
+                    "metrics": self.cumulative(),
+                    "training_done": self.training_done,
+                    "early_stopping": {"best_eval_loss": self.best_loss, "best_step": self.best_step,
+                                       "evals_since_best": self.evals_since_best},
+                },
             )
             Store.mark_complete(ckpt)  # written last: from here on the checkpoint is trusted
             _rotate_checkpoints(run.store, run.run_id, self.keep)
@@ -790,24 +1218,49 @@ class _RunMonitor:
         """Model FLOPs utilisation (6N FLOPs per token) against the GPU's datasheet peak; None off GPU."""
         return tokens_per_s * 6 * self.n_params / self.peak if self.peak else None
 
+    def evaluated(self, state: Any, control: Any, metrics: dict[str, Any]) -> Any:
+        """A mid-training evaluation: results.csv, early stopping, and the best weights (keep_best)."""
+        if "eval_loss" not in metrics:
+            return control
+        step, loss = state.global_step, float(metrics["eval_loss"])
+        reporter = self.run.reporter
+        reporter.record(step, valid_loss=loss,
+                        validation_mean_token_accuracy=_f(metrics.get("eval_mean_token_accuracy")))
+        reporter.update(valid_loss=loss)
+        self.run.emit(f"step {step} valid_loss {loss:.4f}", always=True)
+        t = self.run.spec.training
+        if self.best_loss is None or loss < self.best_loss:
+            self.best_loss, self.best_step, self.evals_since_best = loss, step, 0
+            if t.keep_best:
+                self._save_best(step, loss)
+        else:
+            self.evals_since_best += 1
+            if t.early_stopping_patience and self.evals_since_best >= t.early_stopping_patience:
+                self.stop_reason = "early_stopping"
+                self.training_done = True
+                control.should_training_stop = True
+        return control
+
+    def _save_best(self, step: int, loss: float) -> None:
+        best = self.run.store.run_dir(self.run.run_id) / BEST_DIR
+        staging = best.with_name(f".tmp-best-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        self.trainer.model.save_pretrained(staging)
+        write_json_atomic(staging / "best.json", {"step": step, "eval_loss": loss})
+        old = best.with_name(f".tmp-oldbest-{os.getpid()}")
+        if best.exists():
+            os.rename(best, old)
+        os.rename(staging, best)
+        shutil.rmtree(old, ignore_errors=True)
+
     def logged(self, state: Any, logs: dict[str, Any]) -> None:
-        """A training or evaluation log: results.csv, status.json and a readable line."""
-        step = state.global_step
+        """A training log: results.csv, status.json, the progress bar and a readable line."""
         if "loss" in logs:
             self._log_train(state, logs)
-        if "eval_loss" in logs and not self.final_eval:
-            reporter = self.run.reporter
-            reporter.record(
-                step,
-                valid_loss=float(logs["eval_loss"]),
-                validation_mean_token_accuracy=_f(logs.get("eval_mean_token_accuracy")),
-            )
-            reporter.update(valid_loss=float(logs["eval_loss"]))
-            self.run.emit(f"step {step} valid_loss {logs['eval_loss']:.4f}")
 
     def _log_train(self, state: Any, logs: dict[str, Any]) -> None:
         step, loss = state.global_step, float(logs["loss"])
-        toks = self.trainer.trained_tokens
+        toks = self.prior_tokens + self.trainer.trained_tokens
         tps = self.tokens_per_s()
         mfu = self.mfu(tps)
         self.last_loss = loss
@@ -829,46 +1282,41 @@ class _RunMonitor:
             message=None,
         )
         mfu_txt = f" MFU {mfu:.1%}" if mfu is not None else ""
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"loss {loss:.4f} {tps:,.0f} tok/s{mfu_txt}", refresh=False)
         self.run.emit(
             f"step {step}/{state.max_steps} loss {logs['loss']:.4f} "
             f"acc {logs.get('mean_token_accuracy', float('nan')):.3f} {tps:,.0f} tok/s{mfu_txt}"
         )
 
     def metrics(self, wall: float) -> dict[str, Any]:
-        """The run's metrics once ``trainer.train()`` returned (also logged)."""
+        """The run's metrics once training returned: cumulative over every attempt (also logged)."""
         tr = self.trainer
         tps = tr.trained_tokens / self.train_s if self.train_s else 0.0
+        total = self.cumulative()
+        total["train_runtime_s"] = round(self.prior_runtime + wall, 2)
         metrics = {
+            **total,
+            "steps": tr.state.global_step,
             "global_step": tr.state.global_step,
             "train_loss": self.last_loss,
             "first_train_loss": self.first_loss,
-            "train_runtime_s": round(wall, 2),
-            "trained_tokens": tr.trained_tokens,
-            "loss_tokens": tr.loss_tokens,
+            "eval_loss": None,
             "tokens_per_s": round(tps, 1),
             "non_embedding_params": self.n_params,
         }
         if self.peak:
             metrics["mfu"] = round(self.mfu(tps), 4)
-        log.info(
-            "trained %d tokens in %.1fs of steps: %.0f tok/s%s",
-            tr.trained_tokens,
-            self.train_s,
-            tps,
-            f", MFU {metrics['mfu']:.1%}" if self.peak else "",
-        )
+        if tr.trained_tokens:
+            log.info(
+                "trained %s tokens in %.1fs of steps (%s in all attempts): %.0f tok/s%s",
+                f"{tr.trained_tokens:,}",
+                self.train_s,
+                f"{total['trained_tokens']:,}",
+                tps,
+                f", MFU {metrics['mfu']:.1%}" if self.peak else "",
+            )
         return metrics
-
-
-def _quiet_progress_callback() -> Any:
-    """The tqdm bar without its dict dumps (the run monitor prints a readable line instead)."""
-    from transformers.trainer_callback import ProgressCallback
-
-    class QuietProgress(ProgressCallback):
-        def on_log(self, args, state, control, logs=None, **kw):
-            return None
-
-    return QuietProgress()
 
 
 def _f(value: Any) -> float | None:
@@ -1059,9 +1507,20 @@ def publish(
     tokenizer: Any,
     revision: str | None,
     metrics: dict[str, Any],
+    *,
+    promotion: dict[str, Any] | None = None,
+    evaluation: dict[str, Any] | None = None,
 ) -> Any:
-    """Save adapter + tokenizer + chat template to a scratch dir, then publish it atomically to the store."""
+    """Save adapter + tokenizer + chat template + model card to a scratch dir, then publish it atomically.
+
+    LATEST moves only when ``promotion["verdict"]`` is "promoted" (no promotion given: promoted). Publishing
+    is idempotent per run (see Store.publish_adapter). With ``evaluation`` (the gate's scores), eval.json is
+    written next to the version for the UI.
+    """
+    from lorastack.model_card import render_model_card
+
     template = tokenizer.chat_template
+    promotion = promotion or {"policy": "always", "verdict": "promoted"}
     with tempfile.TemporaryDirectory(prefix="lorastack-adapter-") as tmp:
         out = Path(tmp) / "adapter"
         model.save_pretrained(out)
@@ -1077,8 +1536,67 @@ def publish(
             "dataset_sha256": doc["dataset_sha256"],
             "spec": {k: v for k, v in doc.items() if k not in RUN_KEYS},
             "metrics": metrics,
+            "promotion": promotion,
+            "system_prompt": _system_prompt(store, doc),
         }
-        return store.publish_adapter(str(spec.name), out, manifest)
+        if doc.get("holdout"):
+            manifest["holdout"] = doc["holdout"]
+        datasets = {role: _dataset_facts(store, sha) for role, sha in doc["dataset_sha256"].items()}
+        # peft writes an empty model-card template; ours says what this adapter is and how to load it.
+        (out / "README.md").write_text(
+            render_model_card(str(spec.name), manifest, datasets, evaluation), encoding="utf-8"
+        )
+        adapter = store.publish_adapter(
+            str(spec.name), out, manifest, promote=promotion.get("verdict") == "promoted",
+            reason=_promotion_reason(promotion),
+        )
+    if evaluation and len(evaluation) > 1 and not (adapter.path / "eval.json").exists():
+        _write_gate_eval(store, adapter, doc, evaluation)
+    return adapter
+
+
+def _dataset_facts(store: Store, digest: str) -> dict[str, Any]:
+    try:
+        path = store.dataset_path(digest)
+    except StoreError:
+        return {"sha256": digest}
+    examples = sum(1 for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip())
+    return {"sha256": digest, "bytes": path.stat().st_size, "examples": examples}
+
+
+def _system_prompt(store: Store, doc: dict[str, Any]) -> str | None:
+    """The training data's system prompt: the most common first system message, if the data has one."""
+    from collections import Counter
+
+    with contextlib.suppress(StoreError, OSError, ValueError):
+        path = store.dataset_path(doc["dataset_sha256"]["training"])
+        seen: Counter[str] = Counter()
+        for line in path.read_text(encoding="utf-8-sig").splitlines():
+            if line.strip():
+                messages = json.loads(line).get("messages") or []
+                if messages and messages[0].get("role") == "system" and isinstance(messages[0].get("content"), str):
+                    seen[messages[0]["content"]] += 1
+        if seen:
+            return seen.most_common(1)[0][0]
+    return None
+
+
+def _write_gate_eval(store: Store, adapter: Any, doc: dict[str, Any], scores: dict[str, Any]) -> None:
+    """eval.json (CONTRACTS.md shape) from the promotion gate's scores; `lorastack eval` adds samples."""
+    from lorastack.store import EVAL_FILE
+
+    digest = doc["dataset_sha256"].get("validation")
+    labels = list(scores)
+    against = next((lbl for lbl in labels if lbl != adapter.name), "base")
+    metrics = {(adapter.ref if lbl == adapter.name else lbl): {**m, "chrf": None} for lbl, m in scores.items()}
+    write_json_atomic(adapter.path / EVAL_FILE, {
+        "adapter": adapter.ref,
+        "against": against if against in metrics else "base",
+        "data": [{"path": f"datasets/{digest}.jsonl", "sha256": digest}] if digest else [],
+        "metrics": metrics,
+        "samples": [],
+        "created_at": utc_now(),
+    })
 
 
 def merge_16bit(store: Store, run_id: str, spec: RunSpec, adapter_dir: Path) -> Path:

@@ -14,6 +14,7 @@ from lorastack.trainer import (
     EXIT_OK,
     EXIT_USAGE,
     NEXT_RUN,
+    Outcome,
     is_user_error,
     log,
     prepare_run,
@@ -25,7 +26,8 @@ from lorastack.trainer import (
 def finetune_command(args: argparse.Namespace) -> int:
     """``lorastack finetune JOB.yaml --local``: validate, put the data in the store, train, publish."""
     started = time.monotonic()
-    setup_logging()
+    verbose = bool(getattr(args, "verbose", False))
+    setup_logging(verbose)
     if not args.local:
         from lorastack.commands.cloud import submit_command
 
@@ -41,9 +43,10 @@ def finetune_command(args: argparse.Namespace) -> int:
             return EXIT_FAILED
         raise
     print(f"run {run_id} (store {store.root})", file=sys.stderr)
-    outcome = run_training(store, run_id, started=started, interactive=True)
+    outcome = run_training(store, run_id, started=started, interactive=sys.stderr.isatty(), verbose=verbose)
     if outcome.phase == "succeeded":
         print(f"adapter {outcome.adapter_ref} published in {store.adapters_dir}")
+        print(describe_promotion(outcome))
     elif outcome.phase in ("preempted", "stopped"):
         print(f"run {run_id} {outcome.phase} with a checkpoint; run the same command again to resume")
     else:
@@ -54,7 +57,8 @@ def finetune_command(args: argparse.Namespace) -> int:
 def train_command(args: argparse.Namespace) -> int:
     """``lorastack train --store DIR --run RUN_ID``: the training image's entrypoint."""
     started = time.monotonic()
-    setup_logging()
+    verbose = bool(getattr(args, "verbose", False))
+    setup_logging(verbose)
     store = open_store(args.store)
     args.run = args.run or os.environ.get("LORASTACK_RUN_ID") or NEXT_RUN
     if args.run == NEXT_RUN:
@@ -74,4 +78,23 @@ def train_command(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
-    return run_training(store, args.run, started=started, interactive=sys.stderr.isatty()).exit_code
+    outcome = run_training(store, args.run, started=started, interactive=sys.stderr.isatty(), verbose=verbose)
+    if outcome.phase == "succeeded":
+        print(f"adapter {outcome.adapter_ref}: {describe_promotion(outcome)}")
+    return outcome.exit_code
+
+
+def describe_promotion(outcome: Outcome) -> str:
+    """One line: whether the published version became LATEST, and the figures that decided it."""
+    p = outcome.promotion or {}
+    verdict, ref = p.get("verdict"), outcome.adapter_ref
+    name = (ref or "").split("@")[0]
+    figures = ""
+    if p.get("baseline_loss") is not None:
+        figures = f" (eval loss {p['candidate_loss']:.4f} vs {p['baseline_loss']:.4f} for {p.get('baseline')})"
+    if verdict == "promoted":
+        return f"{ref} is now LATEST (promote: {p.get('policy', 'always')}){figures}"
+    if verdict == "kept":
+        return (f"{ref} was NOT promoted: it does not beat {p.get('baseline')}{figures}; LATEST is unchanged. "
+                f"Compare with `lorastack eval {ref}`, promote it with `lorastack adapters promote {ref}`")
+    return f"{ref} published, not promoted (promote: never); `lorastack adapters promote {ref}` serves it as {name}"
