@@ -1,6 +1,7 @@
 """Which stacks the infrastructure workflow previews and deploys, in which order, behind which GitHub environment.
 
-Deploy waves: ``dev`` -> ``staging`` -> ``teams`` (every ``tier: team`` stack, each its own job) and ``prod``
+Deploy waves: ``platform`` (the stack that owns the shared environment, registry and vault: pipeline metadata
+``order: 0``) -> ``dev`` -> ``staging`` -> ``teams`` (every ``tier: team`` stack, each its own job) and ``prod``
 (after dev and staging only, so a broken team stack never blocks prod). The wave of a stack is its ``lorastack:tier``
 in ``stacks/Pulumi.<stack>.yaml``, not its name, so a stack called ``dev2`` with ``tier: dev`` deploys with dev.
 
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-WAVES = ("dev", "staging", "teams", "prod")
+WAVES = ("platform", "dev", "staging", "teams", "prod")
 TIER_WAVE = {"dev": "dev", "staging": "staging", "team": "teams", "prod": "prod"}
 STACK_FILE_RE = re.compile(r"^Pulumi\.(?P<stack>[A-Za-z0-9][A-Za-z0-9._-]*)\.yaml$")
 PIPELINE_FILE = "pipeline.yaml"
@@ -129,11 +130,13 @@ def load_stacks(stacks_dir: Path, org: str | None = None) -> list[Stack]:
         env = _get(m, "environment", "deployEnvironment", "deploy_environment", "stackEnvironment")
         preview = _get(m, "previewEnvironment", "preview_environment")
         pulumi_stack = _get(m, "pulumiStack", "pulumi_stack") or (f"{org}/{PROJECT}/{name}" if org else name)
+        # The platform stack comes first whatever its tier: team stacks join its environment (StackReference).
+        wave = "platform" if m.get("order") == 0 else TIER_WAVE[tier]
         out.append(
             Stack(
                 stack=name,
                 tier=tier,
-                wave=TIER_WAVE[tier],
+                wave=wave,
                 environment=env or deploy_environment(name),
                 preview=preview or preview_environment(name),
                 pulumi_stack=pulumi_stack,

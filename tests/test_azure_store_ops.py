@@ -26,7 +26,9 @@ def publish_on_share(fake, tmp_path, versions=2) -> Store:
         (src / "adapter_config.json").write_text(json.dumps({"r": 8, "peft_type": "LORA", "i": i}))
         (src / "adapter_model.safetensors").write_bytes(bytes(range(256)) * (40 + i))
         local.publish_adapter("plant-care", src, {"base_model": "microsoft/Phi-3-mini-4k-instruct",
-                                                  "base_revision": "abc123", "run_id": RUN,
+                                                  "base_revision": "abc123",
+                                                  # one run per version: publishing is idempotent per run
+                                                  "run_id": RUN if i == 0 else f"{RUN}-{i}",
                                                   "metrics": {"eval_loss": 1.2 - i / 10}})
     for path in local.root.rglob("*"):
         if path.is_file():
@@ -64,14 +66,17 @@ def test_promote_writes_history_before_latest_and_rollback_goes_back(fake, outpu
     assert [e.rsplit("-> ", 1)[1] for e in renames] == ["adapters/plant-care/promotions.json",
                                                        "adapters/plant-care/LATEST"]  # history first
     history = json.loads(bytes(fake.files["adapters/plant-care/promotions.json"]))
-    assert [(e["version"], e["action"]) for e in history] == [("v1", "promote")]
+    # the trainer's publishes promoted v1 then v2; the manual promotion is appended
+    assert [(e["version"], e["action"]) for e in history] == [("v1", "promote"), ("v2", "promote"), ("v1", "promote")]
     assert adapters(fake, outputs_file, "promote", "plant-care@v2") == 0
-    assert adapters(fake, outputs_file, "rollback", "plant-care") == 0
-    assert "rolled back to v1" in capsys.readouterr().out
-    assert bytes(fake.files["adapters/plant-care/LATEST"]) == b"v1\n"
-    # nothing further back: a clear refusal, LATEST unchanged
+    # rollbacks undo promotions in order: v2 -> v1 -> v2 -> v1, then nothing is left to undo
+    for expected in ("v1", "v2", "v1"):
+        assert adapters(fake, outputs_file, "rollback", "plant-care") == 0
+        assert f"rolled back to {expected}" in capsys.readouterr().out
+        assert bytes(fake.files["adapters/plant-care/LATEST"]) == f"{expected}\n".encode()
     assert adapters(fake, outputs_file, "rollback", "plant-care") == EXIT_FAILED
     assert "nothing to roll back to from v1" in capsys.readouterr().err
+    assert bytes(fake.files["adapters/plant-care/LATEST"]) == b"v1\n"
 
 
 def test_delete_refuses_the_promoted_version_and_removes_another(fake, outputs_file, tmp_path, capsys):

@@ -83,11 +83,16 @@ def test_pinning_the_repo_stacks_and_the_pr_body(tmp_path):
         original = (REPO / "stacks" / f"Pulumi.{name}.yaml").read_text()
         diff = [a for a, b in zip(text.splitlines(), original.splitlines()) if a != b]
         assert sorted(diff) == sorted([f"    trainer: {REFS['trainer']}", f"    inference: {REFS['inference']}"])
-    # a stack that pulls from its own registry is not pointed at another one behind its back
+    # a stack that pulls from another registry is not pointed at this one behind its back; one on the same
+    # (platform) registry is pinned like the others
     prod = changes["prod"]
-    if yaml.safe_load((REPO / "stacks/Pulumi.prod.yaml").read_text())["config"]["lorastack:images"].get("registry"):
+    prod_registry = yaml.safe_load((REPO / "stacks/Pulumi.prod.yaml").read_text())["config"]["lorastack:images"].get(
+        "registry") or {}
+    if prod_registry.get("server", REG) != REG:
         assert prod.skipped and "own registry" in prod.skipped
         assert (root / "stacks/Pulumi.prod.yaml").read_text() == (REPO / "stacks/Pulumi.prod.yaml").read_text()
+    else:
+        assert prod.changed and not prod.skipped
     body = pin.pr_body(list(changes.values()), REFS, "https://example.invalid/commit/abc")
     assert f"| trainer | `{REFS['trainer']}` |" in body
     assert re.search(r"\| dev \| trainer \| `.*` \| `lorastack-trainer@sha256:aaaaaaaaaaaa` \|", body)

@@ -18,11 +18,12 @@ def _stack_file(d, name, tier):
 
 def test_repo_stacks_deploy_dev_then_staging_then_teams_and_prod():
     got = stacks.load_stacks(REPO / "stacks", org="acme")
-    assert [s.stack for s in got] == ["dev", "staging", "vision", "prod"]
-    assert [s.wave for s in got] == ["dev", "staging", "teams", "prod"]
-    vision = got[2]
+    assert [s.stack for s in got] == ["platform", "dev", "staging", "vision", "prod"]
+    assert [s.wave for s in got] == ["platform", "dev", "staging", "teams", "prod"]
+    vision = got[3]
+    # stacks/pipeline.yaml (written by `lorastack stack new`) names the Pulumi stack; --org is the fallback
     assert (vision.environment, vision.preview, vision.pulumi_stack) == (
-        "stack-vision", "preview-vision", "acme/lorastack/vision")
+        "stack-vision", "preview-vision", "lorastack/lorastack/vision")
 
 
 def test_wave_comes_from_the_tier_not_the_name(tmp_path):
@@ -73,8 +74,8 @@ def test_cli_appends_the_waves_to_github_output(tmp_path, capsys):
     out_file = tmp_path / "out"
     assert stacks.main(["matrix", "--stacks-dir", str(REPO / "stacks"), "--github-output", str(out_file)]) == 0
     pairs = dict(line.split("=", 1) for line in out_file.read_text().splitlines())
-    assert set(pairs) == {"dev", "staging", "teams", "prod", "all", "count"}
-    assert [e["stack"] for e in json.loads(pairs["all"])] == ["dev", "staging", "vision", "prod"]
+    assert set(pairs) == {"platform", "dev", "staging", "teams", "prod", "all", "count"}
+    assert [e["stack"] for e in json.loads(pairs["all"])] == ["platform", "dev", "staging", "vision", "prod"]
     assert stacks.main(["matrix", "--stacks-dir", str(REPO / "stacks"), "--only", "nope"]) == 1
     assert "no stack named 'nope'" in capsys.readouterr().err
 
@@ -87,10 +88,12 @@ def test_federated_subject_matches_the_environment():
 # -- the infrastructure workflow wired to those waves ------------------------------------------------------------
 def test_team_stacks_never_block_prod_or_each_other():
     jobs = workflow("infrastructure.yml")["jobs"]
-    assert jobs["up-staging"]["needs"] == ["offline", "up-dev"]
-    assert jobs["up-teams"]["needs"] == ["offline", "up-dev", "up-staging"]
-    assert jobs["up-prod"]["needs"] == ["offline", "up-dev", "up-staging"], "prod must not wait for team stacks"
-    for name, wave in [("up-dev", "dev"), ("up-staging", "staging"), ("up-teams", "teams"), ("up-prod", "prod")]:
+    assert jobs["up-dev"]["needs"] == ["offline", "up-platform"]
+    assert jobs["up-staging"]["needs"] == ["offline", "up-platform", "up-dev"]
+    assert jobs["up-teams"]["needs"] == ["offline", "up-platform", "up-dev", "up-staging"]
+    assert jobs["up-prod"]["needs"] == ["offline", "up-platform", "up-dev", "up-staging"], (
+        "prod must not wait for team stacks")
+    for name, wave in [("up-platform", "platform"), ("up-dev", "dev"), ("up-staging", "staging"), ("up-teams", "teams"), ("up-prod", "prod")]:
         assert jobs[name]["with"] == {"command": "up", "stacks": f"${{{{ needs.offline.outputs.{wave} }}}}"}
         assert f"needs.offline.outputs.{wave} != '[]'" in jobs[name]["if"], f"{name} must skip an empty wave"
         assert "refs/heads/main" in jobs[name]["if"]
@@ -135,7 +138,7 @@ def test_a_new_team_stack_passes_its_first_preview_in_a_dry_run(tmp_path):
     out = stacks.github_outputs(stacks.load_stacks(root / "stacks", org="acme"))
     entry = next(e for e in json.loads(out["teams"]) if e["stack"] == "newteam")
     assert entry == {"stack": "newteam", "environment": "stack-newteam", "preview": "preview-newteam",
-                     "pulumi_stack": "acme/lorastack/newteam"}
+                     "pulumi_stack": "lorastack/lorastack/newteam"}
     assert entry in json.loads(out["all"]), "the preview matrix (all stacks) includes the new stack"
     assert "newteam" not in {e["stack"] for w in ("dev", "staging", "prod") for e in json.loads(out[w])}
     # its first preview job: its own environment, and `pulumi stack select --create` semantics

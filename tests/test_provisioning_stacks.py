@@ -192,8 +192,13 @@ def test_guardrails_file_matches_the_gpu_table():
 def test_gitops_workflow_runs_the_offline_plan_and_the_policy_pack():
     """The workflow cannot run here (no Pulumi CLI, no Azure). The gitops team owns its shape; provisioning only
     relies on this: every stack is planned offline, and every preview/up runs the policy pack."""
-    wf = yaml.safe_load((REPO / ".github" / "workflows" / "infrastructure.yml").read_text())
-    steps = [s for job in wf["jobs"].values() for s in job.get("steps") or []]
+    # infrastructure.yml calls the reusable pulumi-stacks.yml for the ups: read both
+    steps = [
+        s
+        for name in ("infrastructure.yml", "pulumi-stacks.yml")
+        for job in yaml.safe_load((REPO / ".github" / "workflows" / name).read_text())["jobs"].values()
+        for s in job.get("steps") or []
+    ]
     runs = " ".join(str(s.get("run", "")) for s in steps)
     assert "lorastack plan" in runs or any("plan" in str(s.get("uses", "")) for s in steps)
     actions = [s for s in steps if str(s.get("uses", "")).startswith("pulumi/actions@")]
