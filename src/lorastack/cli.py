@@ -131,6 +131,24 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--gpu", metavar="PROFILE", help="inference GPU workload profile type")
     q.add_argument("--max-replicas", type=int, metavar="N", help="inference max replicas")
     q.add_argument("--project-dir", metavar="DIR", help="directory holding Pulumi.yaml (default: search upwards)")
+    # scale (issue 12): more processes for `train`, the engine for `serve` and `finetune`.
+    sub.choices["train"].add_argument(
+        "--nproc",
+        metavar="N",
+        help="data-parallel processes in this replica, under torchrun: a number, or 'auto' = one per visible GPU "
+        "(default: $LORASTACK_NPROC, else auto)",
+    )
+    sub.choices["serve"].add_argument(
+        "--engine",
+        choices=["builtin", "vllm"],
+        help="generation engine: builtin (CPU, tests) or vllm (GPU; needs vLLM installed) "
+        "(default: $LORASTACK_ENGINE, else builtin)",
+    )
+    sub.choices["finetune"].add_argument(
+        "--engine",
+        choices=["aca", "aml"],
+        help="cloud: train as the ACA job (default) or as an Azure ML command/sweep job (default: $LORASTACK_TRAIN_ENGINE, else aca)",
+    )
     return parser
 
 
