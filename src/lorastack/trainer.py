@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from lorastack import models
+from lorastack import distributed, models
 from lorastack.packing import PackedCollator, pack_rows
 from lorastack.progress import RunReporter, utc_now
 from lorastack.store import (
@@ -509,7 +509,7 @@ def run_training(
     not found, refused resume): those end in phase "failed" with the error in status.json.
     """
     started = time.monotonic() if started is None else started
-    reporter = RunReporter(store, run_id)
+    reporter = distributed.reporter_for(store, run_id)  # rank 0 writes status.json; other ranks stay silent
     reporter.start_attempt()
     flags = StopFlags()
     try:
@@ -614,6 +614,8 @@ def _fit_and_publish(
         monitor.final_eval = True  # recorded here as full_valid_*, not as a per-step valid_loss
         metrics.update(_final_evaluation(run, trainer, step))
 
+    if not distributed.is_main():  # data-parallel: rank 0 publishes, the other ranks are done
+        return Outcome("succeeded", EXIT_OK, None, metrics)
     reporter.update("publishing", step=step, message="publishing the adapter")
     adapter = publish(store, run_id, spec, run.doc, trainer.model, tokenizer, revision, metrics)
     log.info("published adapter %s (%s)", adapter.ref, adapter.path)
@@ -766,6 +768,9 @@ class _RunMonitor:
                 control.should_save = control.should_training_stop = True
         if self.save_every and now - self.last_save >= self.save_every:
             control.should_save = True
+        if distributed.is_distributed():  # every rank saves and stops at the same step
+            self.stop_reason, control.should_save, control.should_training_stop = distributed.agree_stop(
+                self.stop_reason, control.should_save, control.should_training_stop)
         if control.should_save:
             self.save_t0 = now
         return control
@@ -773,7 +778,8 @@ class _RunMonitor:
     def saved(self, ckpt: Path) -> None:
         """A checkpoint was written: record what it was trained from, mark it COMPLETE, rotate old ones."""
         run = self.run
-        if ckpt.is_dir():
+        distributed.barrier()  # every rank has written its part of the checkpoint (RNG state) first
+        if ckpt.is_dir() and distributed.is_main():
             write_json_atomic(
                 ckpt / IDENTITY_FILE, {"run_id": run.run_id, "spec": run.doc, "saved_at": utc_now()}
             )

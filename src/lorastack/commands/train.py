@@ -74,4 +74,8 @@ def train_command(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
+    from lorastack.distributed import maybe_launch  # --nproc N: the same command under torchrun
+
+    if (code := maybe_launch(getattr(args, "nproc", None), store, args.run)) is not None:
+        return code
     return run_training(store, args.run, started=started, interactive=sys.stderr.isatty()).exit_code
