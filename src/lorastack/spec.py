@@ -254,9 +254,21 @@ def parse_duration(value: Any) -> int:
     return round(seconds)
 
 
+class SweepSettings(_Section):
+    """A hyperparameter sweep (``lorastack finetune --engine aml``): each list is the values to try."""
+
+    learning_rate: list[float] | None = Field(None, description="Learning rates to try.")
+    lora_r: list[int] | None = Field(None, description="LoRA ranks to try.")
+    epochs: list[float] | None = Field(None, description="Epoch counts to try.")
+    sampling: Literal["grid", "random", "bayesian"] = Field("grid", description="How trials are picked.")
+    max_trials: int = Field(8, strict=True, gt=0, description="Trials at most.")
+    max_concurrent_trials: int = Field(2, strict=True, gt=0, description="Trials running at once at most.")
+
+
 # Fields that do not change the trained weights: a retried job with a different value resumes the run.
 FINGERPRINT_EXCLUDES = (
     "description",
+    "sweep",  # each trial is its own run, with the swept values set in its spec
     "time_budget",
     "merge_16bit",
     "training.logging_steps",
@@ -313,6 +325,9 @@ class RunSpec(_Section):
         strict=True,
         description="Also write the adapter merged into a 16-bit copy of the base model.",
         json_schema_extra=_allowed("true or false"),
+    )
+    sweep: SweepSettings | None = Field(
+        None, description="Hyperparameter sweep on Azure ML (`--engine aml`): the best trial's adapter is published."
     )
 
     _spec_path: Path | None = PrivateAttr(None)
