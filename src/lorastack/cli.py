@@ -21,6 +21,7 @@ HANDLERS = {
     "demo": "lorastack.demo:demo_command",
     "plan": "provisioning.plan:plan_command",
     "stack-new": "provisioning.selfservice:stack_new_command",
+    "aml": "lorastack.commands.aml:aml_command",
 }
 
 
@@ -147,8 +148,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub.choices["finetune"].add_argument(
         "--engine",
         choices=["aca", "aml"],
-        help="cloud: train as the ACA job (default) or as an Azure ML command/sweep job (default: $LORASTACK_TRAIN_ENGINE, else aca)",
+        help="cloud: train as the ACA job (default) or as an Azure ML command job / sweep (a spec with sweep:) "
+        "(default: $LORASTACK_TRAIN_ENGINE, else aca)",
     )
+    sub.choices["finetune"].add_argument("--nodes", type=int, metavar="N", help="--engine aml: nodes (default 1)")
+    sub.choices["finetune"].add_argument(
+        "--gpus-per-node", type=int, metavar="N", help="--engine aml: GPUs (processes) per node (default 1)"
+    )
+    p = sub.add_parser("aml", help="Azure ML sweep steps (run by Azure ML inside the trainer image)")
+    aml_sub = p.add_subparsers(dest="aml_command", metavar="STEP", required=True)
+    q = aml_sub.add_parser("trial", help="train one sweep trial into its own output folder")
+    q.add_argument("--store", required=True, metavar="DIR", help="the shared store (read-only)")
+    q.add_argument("--run", required=True, metavar="RUN_ID", help="the prepared run being swept")
+    q.add_argument("--out", required=True, metavar="DIR", help="this trial's output folder")
+    q.add_argument("--learning-rate", type=float, metavar="X")
+    q.add_argument("--lora-r", type=int, metavar="N")
+    q.add_argument("--epochs", type=float, metavar="N")
+    q = aml_sub.add_parser("publish-best", help="publish the best trial's adapter to the shared store")
+    q.add_argument("--trial", required=True, metavar="DIR", help="the best trial's output folder")
+    q.add_argument("--store", required=True, metavar="DIR", help="the shared store (read-write)")
+    q.add_argument("--run", required=True, metavar="RUN_ID", help="the prepared run that was swept")
     return parser
 
 

@@ -26,6 +26,10 @@ def finetune_command(args: argparse.Namespace) -> int:
     """``lorastack finetune JOB.yaml --local``: validate, put the data in the store, train, publish."""
     started = time.monotonic()
     setup_logging()
+    if not args.local and (getattr(args, "engine", None) or os.environ.get("LORASTACK_TRAIN_ENGINE")) == "aml":
+        from lorastack.commands.aml import finetune_aml_command  # Azure ML command job or sweep
+
+        return finetune_aml_command(args)
     if not args.local:
         from lorastack.commands.cloud import submit_command
 
