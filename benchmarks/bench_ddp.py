@@ -62,7 +62,7 @@ def main() -> int:
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--batch", type=int, default=2, help="per-process micro-batch B (1 process gets B * N)")
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--model", help="model directory (default: a tiny llama-style model built here)")
     ap.add_argument("--no-4bit", action="store_true")
