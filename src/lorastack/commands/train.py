@@ -28,6 +28,10 @@ def finetune_command(args: argparse.Namespace) -> int:
     started = time.monotonic()
     verbose = bool(getattr(args, "verbose", False))
     setup_logging(verbose)
+    if not args.local and (getattr(args, "engine", None) or os.environ.get("LORASTACK_TRAIN_ENGINE")) == "aml":
+        from lorastack.commands.aml import finetune_aml_command  # Azure ML command job or sweep
+
+        return finetune_aml_command(args)
     if not args.local:
         from lorastack.commands.cloud import submit_command
 
@@ -78,6 +82,10 @@ def train_command(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
+    from lorastack.distributed import maybe_launch  # --nproc N: the same command under torchrun
+
+    if (code := maybe_launch(getattr(args, "nproc", None), store, args.run)) is not None:
+        return code
     outcome = run_training(store, args.run, started=started, interactive=sys.stderr.isatty(), verbose=verbose)
     if outcome.phase == "succeeded":
         print(f"adapter {outcome.adapter_ref}: {describe_promotion(outcome)}")

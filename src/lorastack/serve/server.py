@@ -46,7 +46,9 @@ class ServerState:
         max_loaded_adapters: int = 8,
         max_body_bytes: int = 4 << 20,
         trust_easy_auth: bool = False,
+        engine: str = "builtin",
     ):
+        self.engine_kind = engine  # "builtin" | "vllm" (serve/vllm_engine.py)
         self.store = store
         self.base_model_id = base_model
         self.api_keys = list(api_keys)
@@ -69,6 +71,10 @@ class ServerState:
         """Load the base model and start the engine (idempotent; records a failure for /readyz)."""
         if self.engine is not None:
             return
+        if self.engine_kind == "vllm":  # vLLM behind the same API, auth and UI
+            from .vllm_engine import load_vllm
+
+            return load_vllm(self)
         try:
             from lorastack.models import hub_cache_dir
 
@@ -303,6 +309,9 @@ def serve_command(args) -> int:
         keys = [generated]
     try:
         base = args.base_model or infer_base_model(store)
+        from .vllm_engine import choose_engine  # --engine, else $LORASTACK_ENGINE, else builtin
+
+        engine = choose_engine(getattr(args, "engine", None))
     except ValueError as exc:
         print(f"lorastack serve: {exc}", file=sys.stderr)
         return 2
@@ -316,6 +325,7 @@ def serve_command(args) -> int:
         max_queue=getattr(args, "max_queue", 64),
         max_loaded_adapters=getattr(args, "max_loaded_adapters", 8),
         trust_easy_auth=getattr(args, "trust_easy_auth", False),
+        engine=engine,
     )
     url = f"http://{'localhost' if is_loopback(args.host) else args.host}:{args.port}"
     print(f"serving {base} and its adapters from {store.root}")
