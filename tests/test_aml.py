@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_cloud import ARM, SUB, FakeAzure, FakeCredential, _json, client_kwargs, write_job
+from azure_fakes import ARM, SUB, FakeAzure, FakeCredential, _json, client_kwargs
+from test_cloud import write_job
 
 from lorastack.cli import build_parser
 

@@ -53,7 +53,7 @@ class StoreError(Exception):
     """A store object is missing, malformed or does not match its manifest."""
 
 
-# The layout as keys relative to the store root (POSIX). Store builds local paths from them; lorastack.cloud
+# The layout as keys relative to the store root (POSIX). Store builds local paths from them; lorastack.azure
 # writes the same keys to the Azure Files share over REST, so the layout is defined here only.
 def dataset_key(digest: str) -> str:
     return f"datasets/{digest}.jsonl"

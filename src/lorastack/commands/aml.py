@@ -24,8 +24,10 @@ def finetune_aml_command(
 
     ``credential`` / ``client_kwargs`` (``transport=``) go to the Azure SDK clients; the CLI leaves them unset.
     """
-    from lorastack import cloud
     from lorastack.azure import aml
+    from lorastack.azure.credentials import Azure, CloudError
+    from lorastack.azure.jobs import stage_run, upload_run
+    from lorastack.azure.outputs import load_outputs
     from lorastack.spec import spec_overrides_from_args
     from lorastack.store import Store
     from lorastack.trainer import is_user_error, load_run_spec
@@ -35,19 +37,19 @@ def finetune_aml_command(
     gpus = int(getattr(args, "gpus_per_node", None) or 1)
     try:
         target = aml.load_target(outputs_arg)  # before staging: a missing output fails before any work
-        outputs = cloud.load_outputs(outputs_arg)  # the share the datastore points at
+        outputs = load_outputs(outputs_arg)  # the share the datastore points at
         with tempfile.TemporaryDirectory(prefix="lorastack-aml-") as tmp:
-            staged = cloud.stage_run(Path(tmp) / "store", args.spec, spec_overrides_from_args(args))
+            staged = stage_run(Path(tmp) / "store", args.spec, spec_overrides_from_args(args))
             spec, _ = load_run_spec(Store(Path(tmp) / "store"), staged.run_id)
             _err(f"run {staged.run_id}: spec and data are valid")
-            azure = cloud.Azure(outputs, credential, dict(client_kwargs or {}))
-            cloud.upload_run(azure.share(), staged, _err, enqueue=False)  # the ACA job must not claim it
+            azure = Azure(outputs, credential, dict(client_kwargs or {}))
+            upload_run(azure.share(), staged, _err, enqueue=False)  # the ACA job must not claim it
         client = aml.ml_client(target, azure.credential, **dict(client_kwargs or {}))
         sub = aml.submit(target, staged.run_id, spec, client, nodes=nodes, gpus_per_node=gpus)
     except ImportError as exc:
         _err(f"lorastack finetune --engine aml: missing dependency {exc.name!r}; pip install 'lorastack[aml]'")
         return EXIT_USAGE
-    except (aml.AmlError, cloud.CloudError) as exc:
+    except (aml.AmlError, CloudError) as exc:
         _err(f"lorastack finetune: {exc}")
         return EXIT_FAILED
     except Exception as exc:

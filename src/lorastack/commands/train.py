@@ -66,7 +66,7 @@ def train_command(args: argparse.Namespace) -> int:
     store = open_store(args.store)
     args.run = args.run or os.environ.get("LORASTACK_RUN_ID") or NEXT_RUN
     if args.run == NEXT_RUN:
-        # Cloud submissions are queued on the store (lorastack.cloud); the job execution claims the oldest.
+        # Cloud submissions are queued on the store (lorastack.azure.jobs); the job execution claims the oldest.
         # A replica retried within the same execution gets its own run back, and resumes it.
         claimant = os.environ.get("CONTAINER_APP_JOB_EXECUTION_NAME") or socket.gethostname()
         run_id = store.claim_run(claimant)
