@@ -63,7 +63,9 @@ class PromptRenderer:
 
     def too_large(self, messages: list[dict[str, Any]]) -> int | None:
         """The conversation's size in bytes if it cannot fit the context whatever the tokenizer does."""
-        size = sum(len(str(m.get("content", "")).encode("utf-8", "replace")) for m in messages)
+        size = sum(
+            len(str(m.get("content", "") if isinstance(m, dict) else m).encode("utf-8", "replace")) for m in messages
+        )
         return size if size > self.max_bytes else None
 
     async def render(self, messages: list[dict[str, str]]) -> list[int]:
