@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_serve import KEY, MSG, ask, client, live_server, make_adapter, publish, sse_events  # noqa: E402
+from test_serve import KEY, MSG, ask, client, live_server, make_adapter, publish
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
@@ -503,9 +503,9 @@ def test_access_log_never_shows_a_query_string():
 def test_wrong_keys_are_throttled_and_query_string_keys_neither_work_nor_get_logged(tiny_llama, store):
     import httpx
     import uvicorn
+    from test_serve import free_port
 
     from lorastack.serve.server import create_app
-    from test_serve import free_port
 
     app = create_app(store, str(tiny_llama), [KEY], ui=False, max_auth_failures=3)
     records: list[str] = []
@@ -561,7 +561,6 @@ def test_empty_store_serves_the_base_model_from_the_environment(tiny_llama, tmp_
     import subprocess
 
     import httpx
-
     from test_serve import free_port
 
     store = tmp_path / "store"

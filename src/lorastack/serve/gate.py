@@ -10,9 +10,12 @@ Failed sign-ins are throttled per client with the same budget as wrong API keys.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 
 from .auth import FailureLimiter, client_address
+
+log = logging.getLogger("lorastack.serve")
 
 # What the login page loads before anyone has signed in (paths under /ui). Nothing here reveals the app:
 # "/" renders only the login form until Gradio sees a session, and the rest is Gradio's static bundle.
@@ -58,12 +61,49 @@ class UIGate:
         sub = path[len(self.prefix) :]
         if sub in ("/login", "/login/") and scope.get("method") == "POST" and self.limiter is not None:
             return await self._login(scope, receive, send)
-        if is_public(sub) or self.signed_in(scope):
+        if is_public(sub):
             return await self.app(scope, receive, send)
+        if self.signed_in(scope):
+            if sub.startswith(_NAMED_CALLS):
+                # Gradio's programmatic call routes (gradio_client's, not the browser's, which uses the
+                # queue) answer unknown names and odd bodies with 500s; the API for programs is /v1.
+                await _send_json(send, 404, {"detail": "The UI has no programmatic API here; use /v1."})
+                return
+            return await self._guarded(scope, receive, send)
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
             return
         await _send_json(send, 401, {"detail": {"error": "Not authenticated", "auth_message": "Sign in at /ui/."}})
+
+    async def _guarded(self, scope, receive, send):
+        """Run Gradio; a malformed request it fails on (e.g. a /run/predict body that names no function)
+        is a 400 and one log line, not a 500 with a traceback. Gradio's own error middleware answers 500
+        and then re-raises, so a 500 response is held back until we know whether an exception follows."""
+        held: list[dict] = []
+        state = {"started": False}
+
+        async def watch(message):
+            if message["type"] == "http.response.start" and message.get("status") == 500:
+                held.append(message)
+                return
+            if held:
+                held.append(message)
+                return
+            if message["type"] in ("http.response.start", "websocket.accept"):
+                state["started"] = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception as exc:
+            if state["started"] or scope["type"] != "http":
+                raise
+            log.warning("UI request %s %s refused: %s: %s", scope.get("method"), scope.get("path", "")[:200],
+                        type(exc).__name__, str(exc)[:200])
+            await _send_json(send, 400, {"detail": f"Bad request to the UI: {type(exc).__name__}"})
+            return
+        for message in held:  # a 500 without an exception: pass it on as it was
+            await send(message)
 
     async def _login(self, scope, receive, send):
         client = client_address(scope, self.proxy_hops)
@@ -86,6 +126,10 @@ class UIGate:
         await self.app(scope, receive, watch)
         if status and status[0] >= 400:
             self.limiter.failed(client)
+
+
+# Gradio's named-call routes for programs (gradio_client); the browser uses the queue and /run/predict.
+_NAMED_CALLS = ("/gradio_api/call/", "/gradio_api/api/")
 
 
 def gradio_session_check(gradio_app) -> Callable[[dict], bool]:

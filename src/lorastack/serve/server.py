@@ -288,15 +288,20 @@ def create_app(
             kwargs["auth"] = lambda _user, password: key_matches(password or "", state.api_keys)
             kwargs["auth_message"] = "Sign in with any user name and an API key as the password."
         gr.mount_gradio_app(app, build_ui(state), path="/ui", ssr_mode=False, footer_links=[], **kwargs)
-        if state.api_keys:
-            if state.trust_easy_auth:
-                signed_in = lambda scope: easy_auth_user(HTTPConnection(scope).headers) is not None
-            else:
-                gradio_app = next(r.app for r in app.routes if isinstance(r, Mount) and r.path == "/ui")
-                signed_in = gradio_session_check(gradio_app)
-            app.add_middleware(
-                UIGate, signed_in=signed_in, prefix="/ui", limiter=state.auth_limiter, proxy_hops=state.proxy_hops
-            )
+        gradio_app = next(r.app for r in app.routes if isinstance(r, Mount) and r.path == "/ui")
+        if not state.api_keys:
+            signed_in = lambda scope: True  # --no-auth (loopback only)
+        elif state.trust_easy_auth:
+            signed_in = lambda scope: easy_auth_user(HTTPConnection(scope).headers) is not None
+        else:
+            signed_in = gradio_session_check(gradio_app)
+        app.add_middleware(
+            UIGate,
+            signed_in=signed_in,
+            prefix="/ui",
+            limiter=state.auth_limiter if state.api_keys and not state.trust_easy_auth else None,
+            proxy_hops=state.proxy_hops,
+        )
 
         @app.get("/", include_in_schema=False)
         async def root():
