@@ -167,7 +167,8 @@ def test_serve_needs_keys_outside_local(tmp_path, capsys, monkeypatch):
 def test_serve_needs_a_base_model(tmp_path, capsys, monkeypatch):
     from lorastack.cli import main
 
-    monkeypatch.setenv("LORASTACK_API_KEYS", "k")
+    monkeypatch.setenv("LORASTACK_API_KEYS", "k3y-abcdefghijklmnop")
+    monkeypatch.delenv("LORASTACK_BASE_MODEL", raising=False)
     rc = main(["serve", "--local", "--store", str(tmp_path / "empty")])
     assert rc == 2
     assert "--base-model" in capsys.readouterr().err

@@ -70,7 +70,7 @@ def _edge(raw: bytes):
         return exc.status, exc.body()["error"]
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(bodies)
 def test_any_body_is_a_clean_400_or_accepted(body):
     raw = json.dumps(body, ensure_ascii=True).encode()
@@ -82,7 +82,7 @@ def test_any_body_is_a_clean_400_or_accepted(body):
         assert p is None or 0 < p <= 1
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.binary(max_size=200))
 def test_any_bytes_are_a_clean_400_or_accepted(raw):
     assert _edge(raw)[0] in (200, 400)
