@@ -555,8 +555,9 @@ def test_wrong_keys_are_throttled_and_query_string_keys_neither_work_nor_get_log
 
 @pytest.mark.slow
 def test_empty_store_serves_the_base_model_from_the_environment(tiny_llama, tmp_path):
-    """`lorastack serve` on an empty, read-only store, told its base model only by LORASTACK_BASE_MODEL
-    (as provisioning does), starts and answers; /v1/models lists just the base."""
+    """`lorastack serve` on an empty store (mode 0555, as the app's read-only mount; root ignores the mode),
+    told its base model only by LORASTACK_BASE_MODEL (as provisioning does), starts and answers;
+    /v1/models lists just the base, and nothing in its output is a traceback."""
     import os
     import subprocess
 
