@@ -137,9 +137,16 @@ def set_slider(page, elem_id: str, value: str) -> None:
     from playwright.sync_api import expect
 
     box = page.locator(f"#{elem_id} input[type=number]")
-    box.fill(value)
-    box.press("Tab")  # commit (change event)
-    expect(page.locator(f"#{elem_id} input[type=range]")).to_have_value(value)
+    slider = page.locator(f"#{elem_id} input[type=range]")
+    for _ in range(3):  # a value typed while the accordion is still opening can be dropped: type it again
+        box.fill(value)
+        box.press("Tab")  # commit (change event)
+        try:
+            expect(slider).to_have_value(value, timeout=3000)
+            return
+        except AssertionError:
+            continue
+    expect(slider).to_have_value(value)
 
 
 def _norm(text: str) -> str:

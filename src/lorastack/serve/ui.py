@@ -158,20 +158,32 @@ def build_ui(state) -> gr.Blocks:
                     return prompt
         return ""
 
-    def refresh(current=None):
-        """Re-read the store; keep the user's pick if it still exists, else preselect the first adapter."""
+    def _pick(current=None) -> tuple[list[tuple[str, str]], str]:
         choices = model_choices(state)
         values = [v for _, v in choices]
         if current not in values:
             current = values[1] if len(values) > 1 else values[0]
-        return gr.Dropdown(choices=choices, value=current)
+        return choices, current
 
-    def refresh_pair(a=None, b=None):
+    def _pair(a=None, b=None) -> tuple[list[tuple[str, str]], str, str]:
         choices = model_choices(state)
         values = [v for _, v in choices]
         a = a if a in values else state.base_model_id
         b = b if b in values else (values[1] if len(values) > 1 else values[0])
-        return gr.Dropdown(choices=choices, value=a), gr.Dropdown(choices=choices, value=b)
+        return choices, a, b
+
+    def refresh(current=None):
+        """Re-read the store; keep the user's pick if it still exists, else preselect the first adapter."""
+        choices, value = _pick(current)
+        return gr.Dropdown(choices=choices, value=value)
+
+    def load_chat():
+        choices, value = _pick()
+        return gr.Dropdown(choices=choices, value=value), system_default(value)
+
+    def load_pair():
+        choices, a, b = _pair()
+        return gr.Dropdown(choices=choices, value=a), gr.Dropdown(choices=choices, value=b), system_default(a, b)
 
     empty_points = pd.DataFrame(columns=["step", "loss", "series"])
 
@@ -258,10 +270,12 @@ def build_ui(state) -> gr.Blocks:
                 eval_metrics = gr.Dataframe(label="Metrics", elem_id="eval-metrics", interactive=False)
                 eval_samples = gr.Dataframe(label="Samples", elem_id="eval-samples", interactive=False, wrap=True)
 
-        model.change(system_default, inputs=model, outputs=system)
+        # The system prompt follows the user's pick (.input, not .change: a programmatic update from a
+        # refresh must not overwrite what the user typed); on page load it comes with the dropdowns.
+        model.input(system_default, inputs=model, outputs=system)
         refresh_btn.click(refresh, inputs=model, outputs=model)
         for pick in (model_a, model_b):
-            pick.change(system_default, inputs=[model_a, model_b], outputs=compare_system)
+            pick.input(system_default, inputs=[model_a, model_b], outputs=compare_system)
         compare_box.submit(
             compare,
             inputs=[compare_box, chat_a, chat_b, model_a, model_b, compare_system, max_tokens, temperature, top_p],
@@ -272,7 +286,7 @@ def build_ui(state) -> gr.Blocks:
         run_pick.change(show_run, inputs=run_pick, outputs=[loss_plot, run_info, eval_pick])
         eval_pick.change(show_eval, inputs=eval_pick, outputs=[eval_metrics, eval_samples, eval_info])
         runs_refresh.click(refresh_runs, inputs=[run_pick, eval_pick], outputs=[run_pick, eval_pick])
-        demo.load(refresh, outputs=model)
-        demo.load(refresh_pair, outputs=[model_a, model_b])
+        demo.load(load_chat, outputs=[model, system])
+        demo.load(load_pair, outputs=[model_a, model_b, compare_system])
         demo.load(refresh_runs, outputs=[run_pick, eval_pick])
     return demo
