@@ -78,7 +78,7 @@ class PromptRenderer:
                 "context_length_exceeded",
             )
         if self._in_flight >= self.max_waiting:
-            raise PromptRefused("The server is busy preparing other prompts; retry shortly.", "render_busy", 429)
+            raise PromptRefused("The server is busy: the request queue is full; retry shortly.", "queue_full", 429)
         self._in_flight += 1
         try:
             loop = asyncio.get_running_loop()

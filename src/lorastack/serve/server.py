@@ -115,7 +115,13 @@ class ServerState:
 
             self.tokenizer = copy.deepcopy(tokenizer)
             self.max_context = context_length(model, tokenizer)
-            self.renderer = PromptRenderer(self.tokenizer, self.max_context, timeout=self.render_timeout)
+            # as many prompts may wait for rendering as requests may wait for the engine (plus a batch)
+            self.renderer = PromptRenderer(
+                self.tokenizer,
+                self.max_context,
+                timeout=self.render_timeout,
+                max_waiting=max(16, self.max_queue + self.max_batch_size),
+            )
             self.info = info
             self.registry = registry
             self.engine = Engine(
