@@ -292,7 +292,9 @@ def test_compare_and_runs_views_in_headless_chromium(ui_env):
             # the shared system prompt defaults to alpha's (the base model has none)
             expect(page.locator("#compare-system textarea")).to_have_value(ALPHA_SYSTEM)
             page.get_by_text("Generation settings").click()
-            set_slider(page, "max_tokens", "40")
+            # short replies: the two sides decode in one batch, and a long greedy reply of the 4-bit tiny model
+            # can tip on a near-tie logit between batched and solo decoding (see the report)
+            set_slider(page, "max_tokens", "12")
             set_slider(page, "temperature", "0")
             # record when each side's reply changes, to see both stream at the same time
             page.evaluate(
@@ -307,8 +309,8 @@ def test_compare_and_runs_views_in_headless_chromium(ui_env):
             box.fill(question)
             box.press("Enter")
             bot_a, bot_b = page.locator("#chat-a [data-testid=bot]"), page.locator("#chat-b [data-testid=bot]")
-            expect(bot_a.first).to_have_text(_norm(api_answer(base, 40)), timeout=60000)
-            expect(bot_b.first).to_have_text(_norm(api_answer("alpha", 40)), timeout=60000)
+            expect(bot_a.first).to_have_text(_norm(api_answer(base)), timeout=60000)
+            expect(bot_b.first).to_have_text(_norm(api_answer("alpha")), timeout=60000)
             assert _norm(bot_a.first.inner_text()) != _norm(bot_b.first.inner_text())  # two models really answered
             t = page.evaluate("() => window.__t")
             a_times = [x[0] for x in t["a"] if x[1].strip()]
