@@ -72,9 +72,9 @@ def build(workdir: Path, hidden: int, layers: int, n_adapters: int, quantize: bo
 
 
 def prompt_ids(tok, text: str) -> list[int]:
-    from lorastack.serve.api import render_messages
+    from lorastack.chat import render_prompt
 
-    return render_messages(tok, [{"role": "user", "content": text}])
+    return render_prompt(tok, [{"role": "user", "content": text}])
 
 
 def run_reference(model, tok, jobs, clients: int, max_tokens: int):

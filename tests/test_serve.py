@@ -167,7 +167,8 @@ def test_serve_needs_keys_outside_local(tmp_path, capsys, monkeypatch):
 def test_serve_needs_a_base_model(tmp_path, capsys, monkeypatch):
     from lorastack.cli import main
 
-    monkeypatch.setenv("LORASTACK_API_KEYS", "k")
+    monkeypatch.setenv("LORASTACK_API_KEYS", "k3y-abcdefghijklmnop")
+    monkeypatch.delenv("LORASTACK_BASE_MODEL", raising=False)
     rc = main(["serve", "--local", "--store", str(tmp_path / "empty")])
     assert rc == 2
     assert "--base-model" in capsys.readouterr().err
@@ -181,7 +182,9 @@ def test_health_open_and_v1_needs_key(env):
     import httpx
 
     assert httpx.get(f"{env.url}/healthz").json() == {"status": "ok"}
-    ready = httpx.get(f"{env.url}/readyz").json()
+    # anonymous callers (the probes) learn ready or not, nothing more
+    assert httpx.get(f"{env.url}/readyz").json() == {"status": "ready"}
+    ready = httpx.get(f"{env.url}/readyz", headers={"Authorization": f"Bearer {KEY}"}).json()
     assert ready["status"] == "ready" and ready["quantized"] is True  # 4-bit NF4 on CPU
     r = httpx.get(f"{env.url}/v1/models")
     assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"

@@ -17,7 +17,7 @@ HANDLERS = {
     "finetune": "lorastack.commands.train:finetune_command",
     "train": "lorastack.commands.train:train_command",
     "status": "lorastack.commands.adapters:status_command",
-    "serve": "lorastack.serve.server:serve_command",
+    "serve": "lorastack.commands.serve:serve_command",
     "demo": "lorastack.demo:demo_command",
     "plan": "provisioning.plan:plan_command",
     "stack-new": "provisioning.selfservice:stack_new_command",
@@ -118,11 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve every adapter in the store (OpenAI-compatible API + chat UI)")
     p.add_argument("--local", action="store_true", help="run on this machine (no Azure)")
     _store_arg(p)
-    p.add_argument("--base-model", metavar="M", help="base model (default: the one the adapters name)")
+    p.add_argument("--base-model", metavar="M", help="base model (default: $LORASTACK_BASE_MODEL, else the adapters')")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--no-auth", action="store_true", help="no API key (allowed on loopback only)")
-    p.add_argument("--base-revision", metavar="REV", help="base model revision (hub commit, branch or tag)")
+    p.add_argument("--base-revision", metavar="REV", help="base model revision (default: $LORASTACK_BASE_REVISION)")
     p.add_argument("--no-4bit", action="store_true", help="load the base model unquantized (default: 4-bit NF4)")
     p.add_argument("--max-batch-size", type=int, default=16, metavar="N", help="rows decoded together (default 16)")
     p.add_argument("--max-queue", type=int, default=64, metavar="N", help="waiting requests before 429 (default 64)")

@@ -31,7 +31,7 @@ import re
 import shutil
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -44,8 +44,9 @@ PROMOTIONS = "promotions.json"
 EVAL_FILE = "eval.json"
 DEFAULT_LOCAL_STORE = Path(".lorastack") / "store"
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
-VERSION_RE = re.compile(r"^v[0-9]+$")
+# \Z, not $: "$" also matches before a trailing newline, so "travel\n" would pass as a name.
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}\Z")
+VERSION_RE = re.compile(r"^v[0-9]{1,9}\Z")
 _TMP_PREFIX = ".tmp-"
 
 
@@ -117,7 +118,7 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 def check_name(name: str, what: str = "adapter name") -> str:
     """Return ``name`` if it is a valid store name, else raise a StoreError saying what is allowed."""
-    if not NAME_RE.match(name or ""):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise StoreError(
             f"invalid {what} {name!r}: use 1-63 lowercase letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
@@ -127,10 +128,12 @@ def check_name(name: str, what: str = "adapter name") -> str:
 
 def parse_adapter_ref(ref: str) -> tuple[str, str | None]:
     """Split ``name`` or ``name@version`` (e.g. ``travel@v3``) into (name, version or None)."""
-    name, _, version = ref.partition("@")
+    if not isinstance(ref, str):
+        raise StoreError(f"invalid adapter reference {ref!r}: use 'name' or 'name@v3'")
+    name, at, version = ref.partition("@")
     check_name(name)
-    if version and not VERSION_RE.match(version):
-        raise StoreError(f"invalid adapter version {version!r} in {ref!r}: versions look like 'v3'")
+    if at and not VERSION_RE.fullmatch(version):
+        raise StoreError(f"invalid adapter version {version!r} in {ref!r}: use 'name' or 'name@v3'")
     return name, version or None
 
 
@@ -374,11 +377,47 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 
 def read_json(path: Path) -> Any:
-    """Read a JSON file, naming the file in the error if it is not valid JSON."""
+    """Read a JSON file; any unreadable content (bad encoding, bad JSON, absurd nesting) is a StoreError
+    naming the file. A missing file stays FileNotFoundError (callers check existence first)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise StoreError(f"{path}: not UTF-8 text (bad byte at offset {exc.start})") from None
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise StoreError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+        raise StoreError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except (ValueError, RecursionError) as exc:  # e.g. an integer over 4300 digits, nesting too deep
+        raise StoreError(f"{path}: not valid JSON ({type(exc).__name__}: {str(exc)[:120]})") from None
+
+
+def check_manifest(path: Path, manifest: Any) -> dict[str, Any]:
+    """``manifest`` (read from ``path``) if it has the shape readers rely on, else a StoreError saying why:
+    a JSON object whose ``files`` maps relative paths inside the version directory to sha256 strings, and
+    whose ``base_model`` / ``base_revision`` / ``system_prompt``, when present, are strings."""
+    if not isinstance(manifest, dict):
+        raise StoreError(f"{path}: the manifest is a JSON {type(manifest).__name__}, not an object")
+    files = manifest.get("files")
+    if files is not None:
+        if not isinstance(files, dict):
+            raise StoreError(f"{path}: 'files' is a {type(files).__name__}, not an object of path -> sha256")
+        for rel, digest in files.items():
+            if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise StoreError(f"{path}: 'files' entry {rel!r} is not a sha256 hex digest")
+            parts = Path(rel).parts
+            if not rel or Path(rel).is_absolute() or ".." in parts or "\\" in rel:
+                raise StoreError(f"{path}: 'files' entry {rel!r} is not a path inside the adapter directory")
+    for key in ("base_model", "base_revision", "system_prompt", "name", "version", "run_id", "published_at"):
+        value = manifest.get(key)
+        if value is not None and not isinstance(value, str):
+            raise StoreError(f"{path}: {key!r} is a {type(value).__name__}, not a string")
+    return manifest
 
 
 @dataclass(frozen=True)
@@ -773,7 +812,7 @@ class Store:
         return sorted(
             d.name
             for d in self.adapters_dir.iterdir()
-            if d.is_dir() and NAME_RE.match(d.name) and (d / LATEST).is_file()
+            if NAME_RE.fullmatch(d.name) and d.is_dir() and (d / LATEST).is_file()
         )
 
     def adapter_versions(self, name: str, include_unverified: bool = False) -> list[str]:
@@ -784,7 +823,7 @@ class Store:
         versions = [
             d.name
             for d in root.iterdir()
-            if d.is_dir() and VERSION_RE.match(d.name) and (include_unverified or (d / MANIFEST).is_file())
+            if VERSION_RE.fullmatch(d.name) and d.is_dir() and (include_unverified or (d / MANIFEST).is_file())
         ]
         return sorted(versions, key=lambda v: int(v[1:]))
 
@@ -793,9 +832,16 @@ class Store:
         pointer = self.adapters_dir / check_name(name) / LATEST
         if not pointer.is_file():
             return None
-        version = pointer.read_text(encoding="utf-8").strip()
-        if not VERSION_RE.match(version):
-            raise StoreError(f"{pointer}: names {version!r}, which is not a version like 'v3'")
+        try:
+            raw = pointer.read_bytes()
+        except OSError as exc:
+            raise StoreError(f"{pointer}: cannot be read ({exc.strerror or exc})") from exc
+        try:
+            version = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise StoreError(f"{pointer}: not UTF-8 text; it should hold a version like 'v3'") from None
+        if not VERSION_RE.fullmatch(version):
+            raise StoreError(f"{pointer}: names {version[:40]!r}, which is not a version like 'v3'")
         return version
 
     def adapter(self, ref: str, verify: bool = True) -> Adapter:
@@ -813,7 +859,7 @@ class Store:
         manifest_path = path / MANIFEST
         if not manifest_path.is_file():
             raise StoreError(f"adapter {name}@{version} has no {MANIFEST}: not published (or being published)")
-        manifest = read_json(manifest_path)
+        manifest = check_manifest(manifest_path, read_json(manifest_path))
         if verify:
             verify_files(path, manifest.get("files") or {})
         return Adapter(name, version, path, manifest)
@@ -824,16 +870,73 @@ class Store:
             with contextlib.suppress(StoreError):
                 yield self.adapter(name, verify=False)
 
+    # -- read path for servers: every adapter and version, each readable or with the reason it is not ------
+    def adapter_catalog(self) -> list[AdapterEntry]:
+        """Every adapter directory (with or without LATEST), its LATEST pointer and every version that has a
+        manifest, each read (not hash-verified) or with the reason it cannot be. Never raises over the
+        store's contents: a malformed pointer or manifest is reported in the entry, not thrown."""
+        if not self.adapters_dir.is_dir():
+            return []
+        entries = []
+        try:
+            children = sorted(self.adapters_dir.iterdir())
+        except OSError:
+            return []
+        for d in children:
+            if not NAME_RE.fullmatch(d.name) or not d.is_dir():
+                continue
+            entry = AdapterEntry(d.name)
+            try:
+                entry.latest = self.latest_version(d.name)
+            except StoreError as exc:
+                entry.latest_error = str(exc)
+            try:
+                versions = self.adapter_versions(d.name)
+            except OSError:
+                versions = []
+            for version in versions:
+                try:
+                    entry.versions[version] = self.adapter(f"{d.name}@{version}", verify=False)
+                except (StoreError, OSError) as exc:
+                    entry.errors[version] = str(exc)
+            entries.append(entry)
+        return entries
+
+
+@dataclass
+class AdapterEntry:
+    """One adapter directory as a server sees it (see ``Store.adapter_catalog``)."""
+
+    name: str
+    latest: str | None = None  # the version LATEST names (None: never promoted, or unreadable)
+    latest_error: str | None = None  # why LATEST cannot be read
+    versions: dict[str, Adapter] = field(default_factory=dict)  # readable manifests, oldest first
+    errors: dict[str, str] = field(default_factory=dict)  # version -> why it cannot be read
+
 
 def verify_files(root: Path, files: dict[str, str]) -> None:
     """Check that every file listed in a manifest exists under ``root`` with the listed sha256."""
-    if not files:
+    if not isinstance(files, dict) or not files:
         raise StoreError(f"{root / MANIFEST} lists no files")
+    resolved_root = root.resolve()
     for rel, expected in files.items():
+        if not isinstance(rel, str) or not isinstance(expected, str):
+            raise StoreError(f"{root / MANIFEST}: 'files' must map paths to sha256 strings")
         path = root / rel
-        if not path.is_file():
+        try:
+            inside = path.resolve().is_relative_to(resolved_root)
+            present = inside and path.is_file()
+        except (OSError, ValueError):
+            inside = present = False
+        if not inside:
+            raise StoreError(f"{root / MANIFEST}: 'files' entry {rel!r} points outside the adapter directory")
+        if not present:
             raise StoreError(f"{path} is listed in the manifest but missing")
-        if sha256_file(path) != expected:
+        try:
+            digest = sha256_file(path)
+        except OSError as exc:
+            raise StoreError(f"{path} cannot be read ({exc.strerror or exc})") from exc
+        if digest != expected:
             raise StoreError(f"{path} does not match the sha256 in its manifest: the adapter is corrupt")
 
 

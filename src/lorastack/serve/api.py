@@ -13,16 +13,17 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.concurrency import run_in_threadpool
 
-from .auth import bearer_token, key_matches
+from .auth import bearer_token, client_address, key_matches
 from .engine import AsyncSink, EngineNotReady, Event, GenerationRequest, QueueFull, SamplingParams
-from .registry import AdapterInvalid, ModelNotFound
+from .prompts import PromptRefused
+from .registry import AdapterInvalid, BadModelRef, ModelNotFound
 
 log = logging.getLogger("lorastack.serve")
 
@@ -53,31 +54,64 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+_UNION_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "literal"}
+
+
+def _loc_param(loc) -> str | None:
+    """``messages.0.content`` from a pydantic error location, without pydantic's union-member tags."""
+    parts = []
+    for p in loc:
+        if p == "body":
+            continue
+        if isinstance(p, str) and ("[" in p or p in _UNION_TAGS or p[:1].isupper() or p.startswith("function-")):
+            continue
+        parts.append(str(p))
+    return ".".join(parts) or None
+
+
 def _from_validation(exc: ValidationError) -> APIError:
-    err = exc.errors()[0]
-    param = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body",)) or None
+    errors = exc.errors(include_url=False, include_input=False)
+    err = errors[0]
+    param = _loc_param(err.get("loc", ()))
+    if err.get("type") == "extra_forbidden":
+        return APIError(400, f"Unrecognized request argument supplied: {param}", param=param, code="unknown_parameter")
     msg = err.get("msg", "invalid value")
     where = f"'{param}'" if param else "the request body"
-    extra = f" (and {len(exc.errors()) - 1} more problems)" if len(exc.errors()) > 1 else ""
+    extra = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
     return APIError(400, f"Invalid value for {where}: {msg}{extra}", param=param, code="invalid_value")
 
 
 # -- schemas ---------------------------------------------------------------------------------------
+# Strict at the edge: no coercion ("yes" is not a bool, true is not 1, "0.5" is not a number), no unknown
+# fields (OpenAI refuses those too), and OpenAI's documented ranges. What this server does not implement
+# is refused with a 400 naming it, never silently ignored.
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_NESTING = 32  # the deepest a valid request goes is ~5 (messages -> content parts -> ...)
+MAX_STOP_CHARS = 256
 
 
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class ContentPart(_Strict):
     type: str
     text: str | None = None
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(_Strict):
     """One message of the conversation (text content; parts of type ``text`` are joined)."""
 
-    model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart]
-    name: str | None = None
+    content: str | list[ContentPart] | None = None
+    name: str | None = Field(default=None, max_length=256)
+    # What the openai client echoes back from an earlier response: accepted only empty.
+    refusal: str | None = None
+    tool_calls: list[Any] | None = None
+    function_call: dict[str, Any] | None = None
+    audio: dict[str, Any] | None = None
+    annotations: list[Any] | None = None
 
     @field_validator("content")
     @classmethod
@@ -88,57 +122,119 @@ class ChatMessage(BaseModel):
                 raise ValueError(f"only text content parts are supported, got {bad[0]!r}")
         return v
 
+    @field_validator("tool_calls", "function_call", "audio")
+    @classmethod
+    def _no_tools(cls, v):
+        if v:
+            raise ValueError("tool calls and audio are not supported by this server")
+        return v
+
     def for_template(self) -> dict[str, str]:
-        text = self.content if isinstance(self.content, str) else "".join(p.text or "" for p in self.content)
+        if self.content is None:
+            text = ""
+        elif isinstance(self.content, str):
+            text = self.content
+        else:
+            text = "".join(p.text or "" for p in self.content)
         # "developer" is OpenAI's newer name for the system role; chat templates know "system".
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class StreamOptions(_Strict):
     include_usage: bool = False
+    include_obfuscation: bool | None = None
 
 
-class ChatCompletionRequest(BaseModel):
-    """The subset of OpenAI's chat-completions request that this server honours."""
+class ResponseFormat(_Strict):
+    type: str
 
-    model_config = ConfigDict(extra="ignore")
-    model: str = Field(min_length=1)
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
+
+Probability = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
+
+
+class ChatCompletionRequest(_Strict):
+    """OpenAI's chat-completions request: what this server honours, plus the parameters it accepts only at
+    their "off" values (see ``unsupported``)."""
+
+    model: str = Field(min_length=1, max_length=512)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
+    max_tokens: int | None = Field(default=None, ge=1, le=INT64_MAX)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=INT64_MAX)
+    temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
+    top_p: Probability | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: int | None = Field(default=None, ge=1, le=1, description="only n=1 is supported")
-    # Accepted only at their "off" values: silently ignoring them would mislead the client.
+    n: int | None = Field(default=None, ge=1, le=128)
+    # accepted only at their "off" values
     tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[Any] | None = None
+    function_call: str | dict[str, Any] | None = None
     logprobs: bool | None = None
-    response_format: dict[str, Any] | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
+    logit_bias: dict[str, int | float] | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    web_search_options: dict[str, Any] | None = None
+    # bookkeeping fields with no effect on the answer
+    user: str | None = Field(default=None, max_length=512)
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    safety_identifier: str | None = Field(default=None, max_length=512)
+    prompt_cache_key: str | None = Field(default=None, max_length=512)
 
-    def unsupported(self) -> str | None:
-        """The name of a requested feature this server does not implement, if any."""
-        if self.tools:
-            return "tools"
+    def unsupported(self) -> tuple[str, str] | None:
+        """(parameter, why) for a requested feature this server does not implement, if any."""
+        if self.tools is not None:
+            return "tools", "tool calling is not supported by this server; remove 'tools'"
+        if self.functions is not None:
+            return "functions", "function calling is not supported by this server; remove 'functions'"
+        for name in ("tool_choice", "function_call"):
+            if getattr(self, name) not in (None, "none"):
+                return name, f"'{name}' needs tool calling, which this server does not support"
         if self.logprobs:
-            return "logprobs"
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            return "response_format"
+            return "logprobs", "'logprobs' is not supported by this server"
+        if self.top_logprobs:
+            return "top_logprobs", "'top_logprobs' is not supported by this server"
+        if self.n not in (None, 1):
+            return "n", "only n=1 is supported"
+        if self.response_format is not None and self.response_format.type != "text":
+            kind = self.response_format.type
+            if kind in ("json_object", "json_schema"):
+                return "response_format", f"response_format type {kind!r} is not supported; only 'text'"
+            return "response_format", f"unknown response_format type {kind!r}; the supported type is 'text'"
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                return name, f"'{name}' is not supported by this server (only 0)"
+        if self.logit_bias:
+            return "logit_bias", "'logit_bias' is not supported by this server"
+        if self.modalities is not None and self.modalities != ["text"]:
+            return "modalities", "only the 'text' modality is supported"
+        for name in ("audio", "prediction", "reasoning_effort", "verbosity", "web_search_options"):
+            if getattr(self, name) is not None:
+                return name, f"'{name}' is not supported by this server"
         return None
 
     @field_validator("stop")
     @classmethod
     def _stops(cls, v):
-        if isinstance(v, list):
-            if len(v) > 4:
-                raise ValueError("at most 4 stop sequences are allowed")
-            if any(not s for s in v):
-                raise ValueError("stop sequences must be non-empty strings")
-        elif v == "":
+        items = v if isinstance(v, list) else [v] if v is not None else []
+        if len(items) > 4:
+            raise ValueError("at most 4 stop sequences are allowed")
+        if any(not s for s in items):
             raise ValueError("stop sequences must be non-empty strings")
+        if any(len(s) > MAX_STOP_CHARS for s in items):
+            raise ValueError(f"stop sequences are limited to {MAX_STOP_CHARS} characters")
         return v
 
     def stop_list(self) -> list[str]:
@@ -150,36 +246,91 @@ class ChatCompletionRequest(BaseModel):
 # -- helpers ---------------------------------------------------------------------------------------
 
 
-def render_messages(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """Prompt token ids for the whole conversation, with the base model's chat template."""
-    from lorastack.chat import render_prompt  # the same rendering the trainer uses
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
 
-    return render_prompt(tokenizer, messages)
+
+def parse_json_body(body: bytes) -> Any:
+    """Parse a request body strictly; a 400 ``invalid_json`` for anything JSON-adjacent that would
+    break later: bad UTF-8, NaN/Infinity, integers over Python's 4300-digit limit, nesting deeper than
+    MAX_NESTING, and lone UTF-16 surrogates (which cannot be encoded to UTF-8 again)."""
+
+    def bad(why: str) -> APIError:
+        return APIError(400, f"We could not parse the JSON body of your request: {why}.", code="invalid_json")
+
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise bad(f"it is not UTF-8 (bad byte at offset {exc.start})") from None
+    try:
+        data = json.loads(text, parse_constant=_refuse_constant)
+    except json.JSONDecodeError as exc:
+        raise bad(f"{exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise bad(f"it is nested more than {MAX_NESTING} levels deep") from None
+    except ValueError as exc:  # NaN/Infinity, or an integer literal too long to convert
+        raise bad(str(exc).split(";")[0][:200]) from None
+    # one iterative walk: depth and strings (keys included)
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        obj, depth = stack.pop()
+        if isinstance(obj, str):
+            _check_text(obj, bad)
+        elif isinstance(obj, (dict, list)):
+            if depth > MAX_NESTING:
+                raise bad(f"it is nested more than {MAX_NESTING} levels deep")
+            if isinstance(obj, dict):
+                for k, v in obj.items():
+                    _check_text(k, bad)
+                    stack.append((v, depth + 1))
+            else:
+                stack.extend((v, depth + 1) for v in obj)
+    return data
+
+
+def _check_text(s: str, bad) -> None:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise bad(f"a string holds a lone UTF-16 surrogate (\\u{ord(s[exc.start]):04x}) at position {exc.start}") from None
 
 
 async def read_json_body(request: Request, limit: int) -> Any:
-    """The request's JSON body; 413 over ``limit`` bytes, 400 if it is not JSON."""
+    """The request's JSON body; 413 over ``limit`` bytes, 400 if it is not strict JSON (see parse_json_body)."""
+    from starlette.requests import ClientDisconnect
+
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"Request body is {declared} bytes; the limit is {limit} bytes.", code="request_too_large")
     body = bytearray()
-    async for chunk in request.stream():
-        body.extend(chunk)
-        if len(body) > limit:
-            raise APIError(413, f"Request body is over the limit of {limit} bytes.", code="request_too_large")
     try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(
-            400,
-            f"We could not parse the JSON body of your request ({exc}). The body must be a JSON object.",
-            code="invalid_json",
-        ) from None
+        async for chunk in request.stream():
+            body.extend(chunk)
+            if len(body) > limit:
+                raise APIError(413, f"Request body is over the limit of {limit} bytes.", code="request_too_large")
+    except ClientDisconnect:
+        raise APIError(400, "The client disconnected while sending the request.", code="client_disconnected") from None
+    return parse_json_body(bytes(body))
+
+
+def throttled(retry_after: int) -> APIError:
+    return APIError(
+        429,
+        f"Too many failed authentication attempts from your address; retry after {retry_after} s.",
+        type="rate_limit_error",
+        code="too_many_failed_attempts",
+        headers={"Retry-After": str(retry_after)},
+    )
 
 
 def require_api_key(request: Request) -> None:
-    """FastAPI dependency: a valid ``Authorization: Bearer <key>`` unless auth is disabled."""
-    keys = request.app.state.lorastack.api_keys
+    """FastAPI dependency: a valid ``Authorization: Bearer <key>`` unless auth is disabled.
+
+    Keys are read from that header only (never the query string). Wrong keys count against the client's
+    failure budget; once it is spent, the client gets 429 + Retry-After before any key is checked.
+    """
+    state = request.app.state.lorastack
+    keys = state.api_keys
     if not keys:
         return
     token = bearer_token(request.headers.get("authorization"))
@@ -190,8 +341,20 @@ def require_api_key(request: Request) -> None:
             code="missing_api_key",
             headers={"WWW-Authenticate": "Bearer"},
         )
+    client = client_address(request.scope, state.proxy_hops)
+    wait = state.auth_limiter.retry_after(client)
+    if wait is not None:
+        raise throttled(wait)
     if not key_matches(token, keys):
+        state.auth_limiter.failed(client)
         raise APIError(401, "Incorrect API key provided.", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def has_valid_key(request: Request) -> bool:
+    """Whether the request carries a valid key (for optional detail, e.g. ``/readyz``); never throttles."""
+    keys = request.app.state.lorastack.api_keys
+    token = bearer_token(request.headers.get("authorization"))
+    return not keys or (token is not None and key_matches(token, keys))
 
 
 def _chunk(cid: str, created: int, model: str, delta: dict, finish: str | None, usage_field: bool) -> str:
@@ -235,8 +398,19 @@ async def start_generation(
             headers={"Retry-After": "5"},
         )
     reg = state.registry
+    size = state.renderer.too_large(messages)  # refuse before loading anything for a hopeless prompt
+    if size is not None:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {state.max_context} tokens. However, your messages are "
+            f"{size} bytes long, which is more than that many tokens. Please reduce the length of the messages.",
+            param="messages",
+            code="context_length_exceeded",
+        )
     try:
         resolved = await run_in_threadpool(reg.acquire, model)
+    except BadModelRef as exc:
+        raise APIError(400, str(exc), param="model", code="invalid_model") from None
     except ModelNotFound as exc:
         raise APIError(404, str(exc), param="model", code="model_not_found") from None
     except AdapterInvalid as exc:
@@ -251,9 +425,11 @@ async def start_generation(
 
     try:
         try:
-            prompt = render_messages(state.tokenizer, messages)
-        except ValueError as exc:  # the chat template refused the conversation (e.g. role order)
-            raise APIError(400, f"The conversation cannot be rendered: {exc}", param="messages", code="invalid_messages") from None
+            prompt = await state.renderer.render(messages)  # off the event loop, bounded in time
+        except PromptRefused as exc:
+            headers = {"Retry-After": "1"} if exc.status == 429 else None
+            kind = "rate_limit_error" if exc.status == 429 else "invalid_request_error"
+            raise APIError(exc.status, str(exc), type=kind, param="messages", code=exc.code, headers=headers) from None
         room = state.max_context - len(prompt)
         if room < 1:
             raise APIError(
@@ -310,9 +486,9 @@ def build_router() -> APIRouter:
             req = ChatCompletionRequest.model_validate(data)
         except ValidationError as exc:
             raise _from_validation(exc) from None
-        feature = req.unsupported()
-        if feature:
-            raise APIError(400, f"'{feature}' is not supported by this server.", param=feature, code="unsupported_parameter")
+        refused = req.unsupported()
+        if refused:
+            raise APIError(400, refused[1], param=refused[0], code="unsupported_parameter")
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "The 'stream_options' parameter is only allowed when 'stream' is true.", param="stream_options")
         params = SamplingParams(

@@ -281,21 +281,41 @@ class Engine:
             if stopping:
                 self._run_deferred()
                 return
-            try:
-                import torch
+            import torch
 
-                with self.model_lock, torch.inference_mode():
-                    if admitted:
-                        self._prefill(admitted)
-                    if self._rows:
+            with self.model_lock, torch.inference_mode():
+                if admitted:
+                    self._prefill_isolated(admitted)
+                if self._rows:
+                    try:
                         self._decode()
-            except Exception as exc:  # a failed step fails its rows, never the server
-                log.exception("generation step failed")
-                for r in [*admitted, *self._rows]:
-                    if not r.finished:
-                        self._finish(r, "error", error=exc)
-                self._rows, self._state = [], None
+                    except Exception as exc:  # the batched forward failed: its cache is unusable
+                        log.exception("decoding step failed for %d rows", len(self._rows))
+                        for r in self._rows:
+                            self._finish(r, "error", error=exc)
+                        self._rows, self._state = [], None
             self._run_deferred()
+
+    def _prefill_isolated(self, reqs: list[GenerationRequest]) -> None:
+        """Prefill ``reqs`` together; if that fails, prefill each alone so only the request that fails
+        alone gets the error. Rows already decoding are untouched (a prefill builds its own cache)."""
+        try:
+            self._prefill(reqs)
+            return
+        except Exception as exc:
+            if len(reqs) == 1:
+                log.exception("prefill failed")
+                self._finish(reqs[0], "error", error=exc)
+                return
+            log.warning("prefill of %d requests failed (%s); retrying each alone", len(reqs), exc)
+        for r in reqs:
+            if r.finished:
+                continue
+            try:
+                self._prefill([r])
+            except Exception as exc:
+                log.exception("prefill failed")
+                self._finish(r, "error", error=exc)
 
     def _run_deferred(self) -> None:
         """Run finished requests' callbacks outside the engine's locks (they take the registry's)."""
@@ -374,8 +394,9 @@ class Engine:
             n = len(r.prompt_ids)
             ids[i, length - n :] = torch.tensor(r.prompt_ids, dtype=torch.long)
             mask[i, length - n :] = 1
+            # any int64 seed (the API's range) maps onto the generator's unsigned 64-bit seed space
             seed = r.params.seed if r.params.seed is not None else secrets.randbits(63)
-            r.generator = torch.Generator(device=device).manual_seed(seed)
+            r.generator = torch.Generator(device=device).manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         # Plain full-length layers (no config): rows are merged, selected and left-trimmed along the
@@ -384,14 +405,14 @@ class Engine:
         cache = DynamicCache()
         logits, cache = self._forward(model, ids, mask, positions, cache, [r.adapter for r in reqs])
         tokens = self._sample(logits, reqs)
-        keep = [i for i, (r, t) in enumerate(zip(reqs, tokens)) if not self._accept(r, t, len(r.prompt_ids) + 1)]
+        keep = [i for i, (r, t) in enumerate(zip(reqs, tokens)) if not self._accept_safe(r, t, len(r.prompt_ids) + 1)]
         if not keep:
             return
         new = {
             "cache": cache,
             "mask": mask,
             "pos": torch.tensor([len(r.prompt_ids) for r in reqs], dtype=torch.long, device=device),
-            "next": torch.tensor(tokens, dtype=torch.long, device=device),
+            "next": torch.tensor([t if t is not None else pad for t in tokens], dtype=torch.long, device=device),
         }
         if len(keep) < len(reqs):
             _select_rows(new, torch.tensor(keep, device=device))
@@ -441,9 +462,9 @@ class Engine:
         self.stats["steps"] += 1
         positions = st["pos"].tolist()
         keep = [
-            i for i, (r, t) in enumerate(zip(self._rows, tokens)) if not self._accept(r, t, positions[i] + 1)
+            i for i, (r, t) in enumerate(zip(self._rows, tokens)) if not self._accept_safe(r, t, positions[i] + 1)
         ]
-        st["next"] = torch.tensor(tokens, dtype=torch.long, device=st["next"].device)
+        st["next"] = torch.tensor([t if t is not None else 0 for t in tokens], dtype=torch.long, device=st["next"].device)
         if len(keep) < len(self._rows):
             self._keep(keep)
 
@@ -464,24 +485,31 @@ class Engine:
             for layer in st["cache"].layers:
                 layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
 
-    def _sample(self, logits, reqs: list[GenerationRequest]) -> list[int]:
-        import torch
-
+    def _sample(self, logits, reqs: list[GenerationRequest]) -> list[int | None]:
+        """One token per row; a row whose sampling fails gets None and is finished with the error (the
+        other rows of the step go on)."""
         greedy = logits.argmax(dim=-1).tolist()
-        tokens = []
+        tokens: list[int | None] = []
         for i, r in enumerate(reqs):
-            p = r.params
-            if p.temperature <= 0:
-                tokens.append(greedy[i])
-                continue
-            probs = torch.softmax(logits[i] / p.temperature, dim=-1)
-            if p.top_p < 1.0:
-                sorted_p, order = probs.sort(descending=True)
-                cum = sorted_p.cumsum(-1)
-                sorted_p[(cum - sorted_p) >= p.top_p] = 0.0  # keep the smallest set reaching top_p
-                probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-            tokens.append(int(torch.multinomial(probs, 1, generator=r.generator)))
+            try:
+                tokens.append(sample_token(logits[i], r.params, r.generator, greedy[i]))
+            except Exception as exc:  # noqa: BLE001 - isolate the row, never the batch
+                log.warning("sampling failed for one request (%s: %s); finishing it with an error",
+                            type(exc).__name__, exc)
+                self._finish(r, "error", error=exc)
+                tokens.append(None)
         return tokens
+
+    def _accept_safe(self, r: GenerationRequest, token: int | None, next_len: int) -> bool:
+        """``_accept``, with a failure (or an earlier sampling failure) finishing only this row."""
+        if token is None or r.finished:
+            return True
+        try:
+            return self._accept(r, token, next_len)
+        except Exception as exc:  # noqa: BLE001 - e.g. the tokenizer cannot decode: this row only
+            log.warning("emitting a token failed for one request (%s: %s)", type(exc).__name__, exc)
+            self._finish(r, "error", error=exc)
+            return True
 
     def _accept(self, r: GenerationRequest, token: int, next_len: int) -> bool:
         """Record a sampled token for ``r``; emit text; return True if ``r`` is finished."""
@@ -566,6 +594,38 @@ class Engine:
                 # Deferred: this runs under the model lock, and releasing an adapter may evict one,
                 # which takes the registry lock and then the model lock.
                 self._deferred.append(r.on_finish)
+
+
+def sample_token(logits, params: SamplingParams, generator, greedy: int | None = None) -> int:
+    """Sample one token id from a row of logits with temperature and nucleus (top-p) filtering.
+
+    Numerically safe over the whole accepted range (temperature in [0, 2], top_p in (0, 1]): logits are
+    shifted so the best is 0 before dividing, so a temperature of 1e-300 gives -inf for every other token
+    (greedy in the limit) instead of inf - inf = NaN. Raises ValueError if the logits are not finite.
+    """
+    import torch
+
+    if greedy is None:
+        greedy = int(logits.argmax())
+    t, top_p = float(params.temperature), float(params.top_p)
+    if not (math.isfinite(t) and t >= 0 and math.isfinite(top_p) and 0 < top_p <= 1):
+        raise ValueError(f"sampling settings out of range: temperature={t!r}, top_p={top_p!r}")
+    if t == 0:
+        return greedy
+    row = logits.double()
+    best = row.max()
+    if not torch.isfinite(best):
+        raise ValueError("the model produced non-finite logits")
+    scaled = (row - best) / t  # <= 0 everywhere, 0 at the best token(s); -inf where it underflows
+    probs = torch.softmax(scaled, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        cum = sorted_p.cumsum(-1)
+        sorted_p[(cum - sorted_p) >= top_p] = 0.0  # keep the smallest set reaching top_p (never empty)
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+        raise ValueError("sampling produced an invalid distribution")
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def _holdback(text: str, stops: list[str]) -> int:

@@ -35,6 +35,10 @@ class AdapterInvalid(Exception):
     """The adapter exists but cannot be served (corrupt, or made for another base model)."""
 
 
+class BadModelRef(Exception):
+    """The ``model`` string is not valid adapter-reference syntax (e.g. ``travel@`` or ``travel@3``)."""
+
+
 @dataclass
 class Resolved:
     """What a ``model`` string resolves to: the engine's adapter slot and the served id."""
@@ -81,6 +85,8 @@ class AdapterRegistry:
         self._refcount: dict[str, int] = {}  # slot -> requests using it
         self._failed: dict[str, tuple[Any, float, str]] = {}  # ref -> (manifest stamp, time, message)
         self._counter = 0
+        self._verified: dict[str, tuple[Any, str | None]] = {}  # ref -> (stamp, reason or None), for listing
+        self._reported: dict[str, str] = {}  # ref -> the reason last logged
         self.on_model_change = lambda: None  # the engine forgets its cached adapter state
 
     def get_model(self) -> Any:
@@ -93,23 +99,104 @@ class AdapterRegistry:
             return list(self._loaded)
 
     # -- listing ----------------------------------------------------------------------------------
-    def list_adapters(self) -> list[dict[str, Any]]:
-        """The LATEST version of every adapter in the store (as listed by the store, not yet verified)."""
-        out = []
-        for ad in self.store.adapters():
-            created = ad.manifest.get("published_at")
-            out.append(
-                {
-                    "name": ad.name,
-                    "version": ad.version,
-                    "ref": ad.ref,
-                    "base_model": ad.base_model,
-                    "compatible": same_base(ad.base_model, self.base_model_id),
-                    "published_at": created,
-                    "created": _timestamp(ad.path),
+    def public(self, message: str) -> str:
+        """``message`` with the store's absolute location removed (paths shown relative to the store)."""
+        root = str(self.store.root)
+        return message.replace(root + os.sep, "").replace(root, "<store>")
+
+    def catalog(self) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+        """(servable, unavailable): every adapter version that verifies and is made for this base, and
+        every one that is not, each with the reason. Never raises over the store's contents.
+
+        A servable entry: ``{"id", "name", "version", "ref", "promoted", "created", "manifest"}``; ``id``
+        is ``name@vN`` for each version plus ``name`` for the one LATEST names (``promoted`` marks it).
+        Verification (sha256 of every file) is cached per version until its files change.
+        """
+        servable: list[dict[str, Any]] = []
+        unavailable: list[dict[str, str]] = []
+        try:
+            entries = self.store.adapter_catalog()
+        except OSError as exc:  # the share itself is unreadable: report, serve the base
+            self._report("adapters", f"the store cannot be listed: {exc}")
+            return servable, [{"id": "adapters", "reason": self.public(f"the store cannot be listed: {exc}")}]
+        for entry in entries:
+            ok: dict[str, dict[str, Any]] = {}
+            for version, reason in entry.errors.items():
+                unavailable.append(self._unavailable(f"{entry.name}@{version}", reason))
+            for version, adapter in entry.versions.items():
+                reason = self._checked(adapter)
+                if reason:
+                    unavailable.append(self._unavailable(adapter.ref, reason))
+                    continue
+                ok[version] = {
+                    "id": adapter.ref,
+                    "name": entry.name,
+                    "version": version,
+                    "ref": adapter.ref,
+                    "promoted": version == entry.latest,
+                    "created": _timestamp(adapter.path),
+                    "manifest": adapter.manifest,
                 }
-            )
-        return out
+            if entry.latest_error:
+                unavailable.append(self._unavailable(entry.name, entry.latest_error))
+            elif entry.latest is not None:
+                if entry.latest in ok:
+                    servable.append({**ok[entry.latest], "id": entry.name})
+                elif entry.latest not in entry.versions and entry.latest not in entry.errors:
+                    unavailable.append(
+                        self._unavailable(entry.name, f"LATEST names {entry.latest}, which is not published")
+                    )
+                else:
+                    unavailable.append(self._unavailable(entry.name, f"LATEST names {entry.latest}, which cannot be served"))
+            servable.extend(ok.values())
+        return servable, unavailable
+
+    def _unavailable(self, ref: str, reason: str) -> dict[str, str]:
+        self._report(ref, reason)
+        return {"id": ref, "reason": self.public(reason)}
+
+    def _report(self, ref: str, reason: str) -> None:
+        """Log why ``ref`` is not served, once per distinct reason (listing runs on every /v1/models)."""
+        with self._lock:
+            if self._reported.get(ref) == reason:
+                return
+            self._reported[ref] = reason
+        log.warning("not serving %s: %s", ref, reason)
+
+    def _checked(self, adapter) -> str | None:
+        """Why ``adapter`` cannot be served (verification + base check), or None; cached by file stamp."""
+        try:
+            stamp = _stamp(adapter.path)
+        except OSError as exc:
+            return f"its directory cannot be read ({exc})"
+        with self._lock:
+            hit = self._verified.get(adapter.ref)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        try:
+            self.store.adapter(adapter.ref)  # sha256 of every file
+            self._check_base(adapter)
+            reason = None
+        except (StoreError, AdapterInvalid, OSError) as exc:
+            reason = str(exc)
+        with self._lock:
+            self._verified[adapter.ref] = (stamp, reason)
+            if len(self._verified) > 4096:  # bounded: forget the oldest entries
+                for key in list(self._verified)[:1024]:
+                    self._verified.pop(key, None)
+        return reason
+
+    def system_prompt(self, model_name: str) -> str | None:
+        """The system prompt the adapter ``model_name`` was trained with (its manifest's), if any."""
+        try:
+            name, version = parse_adapter_ref(model_name)
+            version = version or self.store.latest_version(name)
+            if version is None:
+                return None
+            prompt = self.store.adapter(f"{name}@{version}", verify=False).manifest.get("system_prompt")
+        except (StoreError, OSError):
+            return None
+        return prompt if isinstance(prompt, str) and prompt.strip() else None
 
     # -- resolving and loading -------------------------------------------------------------------
     def acquire(self, model_name: str) -> Resolved:
@@ -118,15 +205,22 @@ class AdapterRegistry:
             return Resolved(BASE, self.base_model_id)
         try:
             name, version = parse_adapter_ref(model_name)
-        except StoreError:
+        except StoreError as exc:
+            if "@" in model_name:  # meant as an adapter reference, but malformed (e.g. "travel@")
+                raise BadModelRef(f"Invalid model {model_name[:100]!r}: {exc}") from None
             raise ModelNotFound(_not_found(model_name)) from None
-        if version is None:
+        from_latest = version is None
+        if from_latest:
             try:
                 version = self.store.latest_version(name)
-            except StoreError as exc:
-                raise AdapterInvalid(str(exc)) from None
+            except (StoreError, OSError) as exc:
+                msg = f"adapter {name} cannot be served: {exc}"
+                log.warning("%s", msg)
+                raise AdapterInvalid(self.public(msg)) from None
             if version is None:
                 raise ModelNotFound(_not_found(model_name))
+            if not (self.store.adapters_dir / name / version).is_dir():
+                raise AdapterInvalid(f"adapter {name} cannot be served: LATEST names {version}, which is not published")
         ref = f"{name}@{version}"
         with self._lock:
             slot = self._pin(ref)
@@ -164,7 +258,10 @@ class AdapterRegistry:
         vdir = self.store.adapters_dir / name / version
         if not vdir.is_dir():
             raise ModelNotFound(_not_found(ref))
-        stamp = _stamp(vdir)
+        try:
+            stamp = _stamp(vdir)
+        except OSError as exc:
+            raise self._failure(ref, None, f"adapter {ref} cannot be served: {exc}") from None
         with self._lock:
             failed = self._failed.get(ref)
         if failed and failed[0] == stamp and time.monotonic() - failed[1] < self.failure_ttl:
@@ -172,7 +269,7 @@ class AdapterRegistry:
         try:
             adapter = self.store.adapter(ref)  # verifies every file's sha256 against the manifest
             self._check_base(adapter)
-        except (StoreError, AdapterInvalid) as exc:
+        except (StoreError, AdapterInvalid, OSError) as exc:
             raise self._failure(ref, stamp, f"adapter {ref} cannot be served: {exc}") from None
         return adapter, stamp
 
@@ -199,14 +296,16 @@ class AdapterRegistry:
         self._refcount[slot] = 0
 
     def _failure(self, ref: str, stamp, msg: str) -> AdapterInvalid:
+        """Log ``msg`` (with full paths, for the operator) and return it as the client sees it (without)."""
+        public = self.public(msg)
         with self._lock:
-            self._failed[ref] = (stamp, time.monotonic(), msg)
+            self._failed[ref] = (stamp, time.monotonic(), public)
         log.warning("%s", msg)
-        return AdapterInvalid(msg)
+        return AdapterInvalid(public)
 
     def _check_base(self, adapter) -> None:
         base = adapter.manifest.get("base_model")
-        if not base:
+        if not base or not isinstance(base, str):
             raise AdapterInvalid(f"{adapter.path / 'manifest.json'} names no base_model")
         if not same_base(base, self.base_model_id):
             raise AdapterInvalid(
@@ -247,12 +346,12 @@ def _not_found(model_name: str) -> str:
 
 
 def _stamp(vdir: Path) -> tuple:
-    """Changes when the version directory's files change (size or mtime), to expire a cached failure."""
+    """Changes when the version directory's files change (size or mtime), to expire a cached result."""
     out = []
-    for p in sorted(vdir.iterdir()):
+    for p in sorted(vdir.rglob("*")):
         try:
             st = p.stat()
-            out.append((p.name, st.st_size, st.st_mtime_ns))
+            out.append((str(p.relative_to(vdir)), st.st_size, st.st_mtime_ns))
         except OSError:
             pass
     return tuple(out)

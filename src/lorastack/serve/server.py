@@ -1,16 +1,18 @@
 """The app factory (``create_app``), ``run_server``, and the ``lorastack serve`` command.
 
 ``create_app`` builds the FastAPI app: ``/v1`` (OpenAI-compatible, Bearer keys), ``/healthz`` and
-``/readyz`` (open, for the probes) and the Gradio UI at ``/ui`` (login with any user name and an API key
-as password, or ACA Easy Auth headers when ``trust_easy_auth``). The base model loads in a background
-thread at startup so the liveness probe answers at once; ``/readyz`` turns 200 when it is loaded.
+``/readyz`` (open, for the probes; ``/readyz`` says only ready or not unless the caller sends a valid key)
+and the Gradio UI at ``/ui`` (login with any user name and an API key as password, or ACA Easy Auth
+headers when ``trust_easy_auth``; every UI route but the login page's is behind that sign-in). The base
+model loads in a background thread at startup so the liveness probe answers at once; ``/readyz`` turns
+200 when it is loaded. Whatever the store holds, the server starts and serves the base model: an adapter
+that cannot be served is logged, left out of ``/v1/models`` and refused by name when requested.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import sys
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -20,12 +22,15 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import HTTPConnection
+from starlette.routing import Mount
 
-from lorastack.store import Store, open_store
+from lorastack.store import Store
 
-from .api import APIError, build_router
-from .auth import easy_auth_user, generate_key, is_loopback, key_matches, keys_from_env
+from .api import APIError, build_router, has_valid_key
+from .auth import FailureLimiter, easy_auth_user, install_access_log_scrubber, key_matches
 
 log = logging.getLogger("lorastack.serve")
 
@@ -47,6 +52,10 @@ class ServerState:
         max_body_bytes: int = 4 << 20,
         trust_easy_auth: bool = False,
         engine: str = "builtin",
+        proxy_hops: int = 0,
+        max_auth_failures: int = 10,
+        auth_failure_window: float = 60.0,
+        render_timeout: float = 10.0,
     ):
         self.engine_kind = engine  # "builtin" | "vllm" (serve/vllm_engine.py)
         self.store = store
@@ -59,6 +68,10 @@ class ServerState:
         self.max_loaded_adapters = max_loaded_adapters
         self.max_body_bytes = max_body_bytes
         self.trust_easy_auth = trust_easy_auth
+        self.proxy_hops = proxy_hops
+        self.auth_limiter = FailureLimiter(max_auth_failures, auth_failure_window)  # wrong keys and sign-ins
+        self.render_timeout = render_timeout
+        self.renderer = None
         self.engine = None
         self.registry = None
         self.tokenizer = None
@@ -102,10 +115,19 @@ class ServerState:
                 base_revision=self.base_revision or info.get("revision"),
                 max_loaded=self.max_loaded_adapters,
             )
-            # The event loop renders prompts while the engine thread decodes replies: each gets its own
+            # Render workers tokenize prompts while the engine thread decodes replies: each gets its own
             # copy of the (Rust) fast tokenizer, which is not meant to be shared across threads.
+            from .prompts import PromptRenderer
+
             self.tokenizer = copy.deepcopy(tokenizer)
             self.max_context = context_length(model, tokenizer)
+            # as many prompts may wait for rendering as requests may wait for the engine (plus a batch)
+            self.renderer = PromptRenderer(
+                self.tokenizer,
+                self.max_context,
+                timeout=self.render_timeout,
+                max_waiting=max(16, self.max_queue + self.max_batch_size),
+            )
             self.info = info
             self.registry = registry
             self.engine = Engine(
@@ -133,36 +155,47 @@ class ServerState:
     def close(self) -> None:
         if self.engine is not None:
             self.engine.stop()
+        if self.renderer is not None:
+            self.renderer.close()
+
+    def _base_card(self) -> dict[str, Any]:
+        return {
+            "id": self.base_model_id,
+            "object": "model",
+            "created": self.started,
+            "owned_by": "lorastack",
+            "root": self.base_model_id,
+            "parent": None,
+        }
 
     def model_cards(self) -> list[dict[str, Any]]:
-        """``/v1/models`` entries: the base model, then every adapter for it (``parent`` = the base)."""
-        cards = [
-            {
-                "id": self.base_model_id,
-                "object": "model",
-                "created": self.started,
-                "owned_by": "lorastack",
-                "root": self.base_model_id,
-                "parent": None,
-            }
-        ]
+        """``/v1/models`` entries: the base model, then for every adapter made for it ``name`` (the version
+        LATEST names) and each verified ``name@vN``; ``promoted`` marks the version LATEST names and
+        ``root`` is the version that answers. Adapters that cannot be served are left out (and logged)."""
+        cards = [self._base_card()]
         if self.registry is None:
             return cards
-        for ad in self.registry.list_adapters():
-            if not ad["compatible"]:
-                continue
+        servable, _ = self.registry.catalog()
+        for ad in servable:
             cards.append(
                 {
-                    "id": ad["name"],
+                    "id": ad["id"],
                     "object": "model",
                     "created": ad["created"],
                     "owned_by": "lorastack",
                     "root": ad["ref"],
                     "parent": self.base_model_id,
                     "version": ad["version"],
+                    "promoted": ad["promoted"],
                 }
             )
         return cards
+
+    def unavailable(self) -> list[dict[str, str]]:
+        """Adapters (or versions) that cannot be served, each with the reason (no absolute paths)."""
+        if self.registry is None:
+            return []
+        return self.registry.catalog()[1]
 
 
 def create_app(
@@ -185,6 +218,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        install_access_log_scrubber()  # after uvicorn has configured its loggers
         if load_in_background:
             threading.Thread(target=state.load, name="lorastack-load", daemon=True).start()
         else:
@@ -207,10 +241,18 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        if request.url.path.startswith("/v1"):
-            code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-            return APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=code).response()
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        # Every path outside the UI answers in OpenAI's shape, unknown routes and methods included.
+        status = exc.status_code
+        code = {404: "not_found", 405: "method_not_allowed"}.get(status)
+        path = request.url.path[:200]
+        if status == 404:
+            message = f"Invalid URL ({request.method} {path}): no such route; the API is under /v1."
+        elif status == 405:
+            message = f"Method {request.method} is not allowed on {path}."
+        else:
+            message = f"{request.method} {path}: {exc.detail}"
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        return APIError(status, message, type=kind, code=code, headers=getattr(exc, "headers", None)).response()
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):
@@ -222,15 +264,23 @@ def create_app(
         return {"status": "ok"}
 
     @app.get("/readyz", include_in_schema=False)
-    async def readyz():
+    async def readyz(request: Request):
+        # Anonymous callers (the probes) learn ready or not; the details need a key.
+        detailed = has_valid_key(request)
         if state.engine is None:
-            body = {"status": "failed" if state.load_error else "loading", "error": state.load_error}
+            body: dict[str, Any] = {"status": "failed" if state.load_error else "loading"}
+            if detailed:
+                body["error"] = state.load_error
             return JSONResponse(body, status_code=503)
+        if not detailed:
+            return {"status": "ready"}
+        unavailable = await run_in_threadpool(state.unavailable)
         return {
             "status": "ready",
             "base_model": state.base_model_id,
             **state.info,
             "adapters_loaded": state.registry.loaded,
+            "adapters_unavailable": unavailable,
             "queue_depth": state.engine.queue_depth,
             "running": state.engine.running,
         }
@@ -240,6 +290,7 @@ def create_app(
     if ui:
         import gradio as gr
 
+        from .gate import UIGate, gradio_session_check
         from .ui import build_ui
 
         kwargs: dict[str, Any] = {}
@@ -249,6 +300,20 @@ def create_app(
             kwargs["auth"] = lambda _user, password: key_matches(password or "", state.api_keys)
             kwargs["auth_message"] = "Sign in with any user name and an API key as the password."
         gr.mount_gradio_app(app, build_ui(state), path="/ui", ssr_mode=False, footer_links=[], **kwargs)
+        gradio_app = next(r.app for r in app.routes if isinstance(r, Mount) and r.path == "/ui")
+        if not state.api_keys:
+            signed_in = lambda scope: True  # --no-auth (loopback only)
+        elif state.trust_easy_auth:
+            signed_in = lambda scope: easy_auth_user(HTTPConnection(scope).headers) is not None
+        else:
+            signed_in = gradio_session_check(gradio_app)
+        app.add_middleware(
+            UIGate,
+            signed_in=signed_in,
+            prefix="/ui",
+            limiter=state.auth_limiter if state.api_keys and not state.trust_easy_auth else None,
+            proxy_hops=state.proxy_hops,
+        )
 
         @app.get("/", include_in_schema=False)
         async def root():
@@ -261,81 +326,5 @@ def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_leve
     """Serve ``app`` with uvicorn until interrupted."""
     import uvicorn
 
+    install_access_log_scrubber()  # no query string (where a careless client may put a key) in the access log
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
-
-
-def infer_base_model(store: Store) -> str:
-    """The base model the store's adapters were trained on; raises ValueError if none or ambiguous."""
-    bases = sorted({ad.base_model for ad in store.adapters() if ad.base_model})
-    if not bases:
-        raise ValueError(f"no adapters in the store at {store.root}: pass --base-model to serve a base model")
-    if len(bases) > 1:
-        raise ValueError(
-            f"the adapters in {store.root} use several base models ({', '.join(bases)}): pass --base-model "
-            "to choose one (adapters for the others are refused)"
-        )
-    return bases[0]
-
-
-def serve_command(args) -> int:
-    """``lorastack serve``: serve the store's adapters with the OpenAI API and the chat UI."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    store = open_store(args.store)
-    if args.local:
-        store.init()
-    elif not store.root.is_dir():
-        print(f"lorastack serve: the store {store.root} does not exist (pass --store or mount it)", file=sys.stderr)
-        return 2
-    keys = keys_from_env()
-    generated = None
-    if args.no_auth:
-        if not is_loopback(args.host):
-            print(
-                f"lorastack serve: --no-auth is allowed only on a loopback address (127.0.0.1, ::1, localhost), "
-                f"not {args.host!r}; set LORASTACK_API_KEYS instead",
-                file=sys.stderr,
-            )
-            return 2
-        keys = []
-    elif not keys:
-        if not args.local:
-            print(
-                "lorastack serve: no API keys: set LORASTACK_API_KEYS (comma-separated; a Key Vault secret in "
-                "Azure), or run with --local to generate one",
-                file=sys.stderr,
-            )
-            return 2
-        generated = generate_key()
-        keys = [generated]
-    try:
-        base = args.base_model or infer_base_model(store)
-        from .vllm_engine import choose_engine  # --engine, else $LORASTACK_ENGINE, else builtin
-
-        engine = choose_engine(getattr(args, "engine", None))
-    except ValueError as exc:
-        print(f"lorastack serve: {exc}", file=sys.stderr)
-        return 2
-    app = create_app(
-        store,
-        base,
-        keys,
-        base_revision=getattr(args, "base_revision", None),
-        quantize=not getattr(args, "no_4bit", False),
-        max_batch_size=getattr(args, "max_batch_size", 16),
-        max_queue=getattr(args, "max_queue", 64),
-        max_loaded_adapters=getattr(args, "max_loaded_adapters", 8),
-        trust_easy_auth=getattr(args, "trust_easy_auth", False),
-        engine=engine,
-    )
-    url = f"http://{'localhost' if is_loopback(args.host) else args.host}:{args.port}"
-    print(f"serving {base} and its adapters from {store.root}")
-    print(f"  OpenAI API: {url}/v1   chat UI: {url}/ui   health: {url}/healthz, {url}/readyz")
-    if generated:
-        # The one time a key is ever shown: it exists only in this process.
-        print(f"  API key (generated for this run, shown once): {generated}")
-        print("  UI login: any user name, the API key as password")
-    elif not keys:
-        print("  auth disabled (--no-auth, loopback only)")
-    sys.stdout.flush()
-    run_server(app, args.host, args.port)
-    return 0

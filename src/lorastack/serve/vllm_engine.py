@@ -394,8 +394,16 @@ def load_vllm(state) -> None:
             settings, registry, eos_ids=eos, max_batch_size=state.max_batch_size, max_queue=state.max_queue
         ).start()
         registry.engine = engine
+        from .prompts import PromptRenderer  # prompts render off the event loop, as with the built-in engine
+
         state.tokenizer = tokenizer
         state.max_context = max_context
+        state.renderer = PromptRenderer(
+            tokenizer,
+            max_context,
+            timeout=state.render_timeout,
+            max_waiting=max(16, state.max_queue + state.max_batch_size),
+        )
         state.info = {
             "engine": "vllm",
             "device": "cuda" if on_gpu else "cpu",
