@@ -36,6 +36,10 @@ ENV_API_KEYS = "LORASTACK_API_KEYS"
 # inference.baseModel / inference.baseRevision, so the app starts with an empty store.
 ENV_BASE_MODEL = "LORASTACK_BASE_MODEL"
 ENV_BASE_REVISION = "LORASTACK_BASE_REVISION"
+# The app sits behind ACA's ingress (one proxy): the client address for per-client auth throttling is the last
+# X-Forwarded-For hop, not the ingress's own address (else every client shares one failure budget).
+ENV_PROXY_HOPS = "LORASTACK_PROXY_HOPS"
+INGRESS_PROXY_HOPS = 1
 
 def inference_command(easy_auth: bool = False) -> tuple[list[str], list[str]]:
     """(command, args) of the inference container; with Easy Auth in front, the UI trusts its sign-in headers."""

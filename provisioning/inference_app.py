@@ -127,6 +127,7 @@ class InferenceApp(pulumi.ComponentResource):
                         app.EnvironmentVarArgs(name="HF_HUB_CACHE", value=contract.HF_HUB_CACHE),
                         app.EnvironmentVarArgs(name="HF_HUB_OFFLINE", value="1"),
                         app.EnvironmentVarArgs(name=contract.ENV_STORE, value=contract.STORE_MOUNT_PATH),
+                        app.EnvironmentVarArgs(name=contract.ENV_PROXY_HOPS, value=str(contract.INGRESS_PROXY_HOPS)),
                         *([app.EnvironmentVarArgs(name=contract.ENV_BASE_MODEL, value=args.base_model)]
                           if args.base_model else []),
                         *([app.EnvironmentVarArgs(name=contract.ENV_BASE_REVISION, value=args.base_revision)]

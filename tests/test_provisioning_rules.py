@@ -355,6 +355,16 @@ def test_base_model_reaches_the_app_as_env_vars(offline):
     assert contract.ENV_BASE_MODEL not in {e["name"] for e in plain}
 
 
+def test_app_counts_auth_failures_per_client_behind_the_ingress(offline):
+    """Issue 11 item 6 in the cloud: wrong keys are throttled per client, so the app must read the client address
+    behind ACA's one ingress proxy (the name is the one `lorastack serve` reads)."""
+    from lorastack.commands.serve import ENV_PROXY_HOPS
+
+    env = {e["name"]: e.get("value") for e in offline.render(settings_with()).one("ContainerApp").get(
+        "template.containers")[0]["env"]}
+    assert env[contract.ENV_PROXY_HOPS] == "1" and contract.ENV_PROXY_HOPS == ENV_PROXY_HOPS
+
+
 # --- pipeline metadata and CODEOWNERS ------------------------------------------------------------------------
 def test_pipeline_metadata_is_in_step_with_the_stack_files():
     assert pipeline.pipeline_problems(REPO, available_stacks(REPO), G) == []

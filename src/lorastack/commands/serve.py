@@ -13,7 +13,7 @@ from lorastack.store import Store, open_store
 # The same literal names provisioning sets on the inference app (provisioning/contract.py).
 ENV_BASE_MODEL = "LORASTACK_BASE_MODEL"
 ENV_BASE_REVISION = "LORASTACK_BASE_REVISION"
-ENV_PROXY_HOPS = "LORASTACK_PROXY_HOPS"
+ENV_PROXY_HOPS = "LORASTACK_PROXY_HOPS"  # provisioning/contract.py sets it on the app
 
 log = logging.getLogger("lorastack.serve")
 
