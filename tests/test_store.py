@@ -129,3 +129,19 @@ def test_rollback_target_undoes_promotions_in_order_and_skips_deleted_versions()
     assert rollback_target(history, "v2", {"v1", "v2", "v3"}) == "v1"  # a second rollback goes further back
     assert rollback_target(history, "v2", {"v2", "v3"}) is None  # v1 deleted: nothing to go back to
     assert rollback_target([], None, set()) is None
+
+
+def test_finetune_on_an_unwritable_store_is_a_clear_error_not_a_traceback(tmp_path, capsys):
+    """Issue 11: `finetune` on a read-only store ended in a traceback. /sys refuses new directories even to root,
+    standing in for a read-only mount."""
+    from pathlib import Path
+
+    from lorastack.cli import build_parser
+    from lorastack.commands.train import finetune_command
+
+    spec = Path(__file__).resolve().parents[1] / "jobs" / "examples" / "plant-care-small.yaml"
+    args = build_parser().parse_args(["finetune", str(spec), "--local", "--store", "/sys/lorastack-store"])
+    assert finetune_command(args) == 1
+    err = capsys.readouterr().err
+    assert "the store at /sys/lorastack-store cannot be written" in err and "--store DIR" in err
+    assert "Traceback" not in err

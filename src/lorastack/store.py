@@ -31,9 +31,10 @@ import re
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 MANIFEST = "manifest.json"
 SPEC_FILE = "spec.yaml"
@@ -469,10 +470,23 @@ class Store:
     def adapters_dir(self) -> Path:
         return self.root / "adapters"
 
-    def init(self) -> "Store":
-        """Create the top-level directories (idempotent)."""
-        for d in (self.datasets_dir, self.models_dir, self.runs_dir, self.adapters_dir):
-            d.mkdir(parents=True, exist_ok=True)
+    def init(self) -> Store:
+        """Create the top-level directories (idempotent) and check that the store can be written.
+
+        Raises StoreError naming the store and what to do when it cannot (a read-only mount, no permission),
+        before any run is prepared: a writer must never fail half-way for that.
+        """
+        try:
+            for d in (self.datasets_dir, self.models_dir, self.runs_dir, self.adapters_dir):
+                d.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f"{_TMP_PREFIX}write-check.{uuid.uuid4().hex[:8]}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise StoreError(
+                f"the store at {self.root} cannot be written ({exc.strerror or exc}): pass --store DIR (or set "
+                "LORASTACK_STORE) to a writable directory; the inference app's read-only mount is not for training"
+            ) from None
         return self
 
     # -- datasets -------------------------------------------------------------------------------

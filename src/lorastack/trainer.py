@@ -80,7 +80,6 @@ IDENTITY_FILE = "lorastack-run.json"
 # Extra keys lorastack adds to the resolved spec in runs/<id>/spec.yaml.
 RUN_KEYS = ("run_id", "dataset_sha256", "holdout")
 MIN_TRAINING_EXAMPLES = 10  # Azure's minimum, checked by lorastack.data; a hold-out never goes below it
-TOKEN_WARNING_CODES = ("too_long",)  # data warnings only the tokenizer pass can find (lorastack.data)
 BEST_DIR = "best"  # runs/<id>/best/: the adapter weights of the best evaluation (keep_best)
 
 # Dense bf16/fp16 peak FLOP/s per GPU (vendor datasheets, without sparsity), for MFU in the log.
@@ -454,71 +453,78 @@ def non_embedding_params(model: Any) -> int:
 # ---------------------------------------------------------------------------------------------------
 @dataclass
 class EncodedData:
-    """Pre-tokenized examples (``input_ids`` + ``labels``, -100 where no loss) and what was dropped."""
+    """Pre-tokenized examples (``input_ids`` + ``labels``, -100 where no loss), what was dropped, and the data
+    checks' findings from the same pass (``errors`` / ``warnings`` as ``file:line: ...`` text)."""
 
     rows: list[dict[str, list[int]]]
     tokens: int = 0
     loss_tokens: int = 0
     dropped_fully_masked: int = 0
-    dropped_answer_cut: int = 0
     truncated: int = 0
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
-def encode_file(path: Path, tokenizer: Any, max_seq_len: int) -> EncodedData:
-    """Tokenize a chat JSONL file with the model's chat template; loss only on assistant tokens."""
-    from lorastack.chat import encode_chat
+def encode_file(
+    path: Path, tokenizer: Any, max_seq_len: int, *, purpose: str = "train", display_name: str | None = None
+) -> EncodedData:
+    """Check and tokenize a chat JSONL file in one pass (lorastack.data's checks with the tokenizer, which encode
+    every example with :func:`lorastack.chat.encode_chat`: the model's chat template, loss only on assistant
+    tokens). Examples whose final answer does not fit are errors there, so none is ever trained on cut."""
+    from lorastack.data import validate_file
 
     out = EncodedData(rows=[])
-    with open(path, encoding="utf-8-sig") as fh:
-        for line in fh:
-            if not line.strip():
-                continue
-            messages = json.loads(line)["messages"]
-            enc = encode_chat(tokenizer, messages, max_seq_len)
-            if enc.final_answer_cut:  # never train on a cut answer (the model would learn to stop mid-way)
-                out.dropped_answer_cut += 1
-                continue
-            labels = enc.labels()
-            if enc.truncated:
-                out.truncated += 1
-            if all(lbl == -100 for lbl in labels):
-                out.dropped_fully_masked += 1
-                continue
-            out.rows.append({"input_ids": list(enc.input_ids), "labels": labels})
-            out.tokens += len(labels)
-            out.loss_tokens += sum(1 for lbl in labels if lbl != -100)
+
+    def keep(_line: int, enc: Any) -> None:
+        labels = enc.labels()
+        if all(lbl == -100 for lbl in labels):
+            out.dropped_fully_masked += 1
+            return
+        out.truncated += bool(enc.truncated)
+        out.rows.append({"input_ids": list(enc.input_ids), "labels": labels})
+        out.tokens += len(labels)
+        out.loss_tokens += sum(1 for lbl in labels if lbl != -100)
+
+    # The structural warnings were shown when the run was prepared (finetune, or the cloud submit); this pass
+    # adds only what needs the tokenizer, under the user's file name rather than the store's sha256 path.
+    report = validate_file(path, tokenizer=tokenizer, max_seq_len=max_seq_len, purpose=purpose,
+                           display_name=display_name, structure_warnings=False, on_encoded=keep)
+    out.errors = [str(e) for e in report.errors]
+    if report.error_count > len(report.errors):
+        out.errors.append(f"{display_name or path}: ... and {report.error_count - len(report.errors)} more errors")
+    out.warnings = [str(w) for w in report.warnings]
     return out
 
 
 def encode_datasets(
     paths: dict[str, Path], tokenizer: Any, max_seq_len: int, display: dict[str, str] | None = None
 ) -> tuple[EncodedData, EncodedData | None]:
-    """Check the datasets with the tokenizer, then encode them: (training, validation or None).
+    """Check and encode the datasets in one tokenizer pass each: (training, validation or None).
 
     Logs what was dropped; raises DatasetError for invalid data, TrainerError if no training example is
     left. A validation file with nothing to score is dropped (None), so the run trains without evaluation.
     """
-    for warning in validate_datasets(paths, tokenizer=tokenizer, max_seq_len=max_seq_len):
-        # The structural warnings were shown when the run was prepared (finetune, or the cloud submit); this
-        # pass adds only what needs the tokenizer.
-        if not any(f": warning: {code}:" in warning for code in TOKEN_WARNING_CODES):
-            continue
-        for stored, shown in (display or {}).items():  # the user's file name, not the store's sha256 path
-            warning = warning.replace(stored, shown)
-        _warn_once(warning)
-    train_data = encode_file(paths["training"], tokenizer, max_seq_len)
-    eval_data = encode_file(paths["validation"], tokenizer, max_seq_len) if "validation" in paths else None
+    display = display or {}
+    encoded = {
+        role: encode_file(path, tokenizer, max_seq_len, purpose="validation" if role == "validation" else "train",
+                          display_name=display.get(str(path)))
+        for role, path in paths.items()
+    }
+    errors = [e for data in encoded.values() for e in data.errors]
+    if errors:
+        shown = errors[:30] + ([f"... and {len(errors) - 30} more"] if len(errors) > 30 else [])
+        raise DatasetError(
+            "the training data is not valid; fix these and run again "
+            "(`lorastack validate FILE` checks a file on its own):\n  " + "\n  ".join(shown)
+        )
+    for data in encoded.values():
+        for warning in data.warnings:
+            _warn_once(warning)
+    train_data, eval_data = encoded["training"], encoded.get("validation")
     if not train_data.rows:
         raise TrainerError(
-            f"no training example is left to learn from: {train_data.dropped_answer_cut} have a final answer "
-            f"that does not fit in max_seq_len {max_seq_len}, {train_data.dropped_fully_masked} have no trained "
-            "assistant token; raise max_seq_len or fix the data"
-        )
-    if train_data.dropped_answer_cut:
-        log.warning(
-            "dropped %d training examples whose final answer does not fit in max_seq_len %d",
-            train_data.dropped_answer_cut,
-            max_seq_len,
+            f"no training example is left to learn from: {train_data.dropped_fully_masked} have no trained "
+            "assistant token; fix the data"
         )
     if train_data.dropped_fully_masked:
         log.warning(

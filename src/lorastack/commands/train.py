@@ -36,10 +36,10 @@ def finetune_command(args: argparse.Namespace) -> int:
         from lorastack.commands.cloud import submit_command
 
         return submit_command(args)
-    store = open_store(args.store).init()
     try:
         from lorastack.spec import spec_overrides_from_args
 
+        store = open_store(args.store).init()  # a read-only or unwritable store fails here, clearly
         run_id = prepare_run(store, args.spec, spec_overrides_from_args(args))
     except Exception as exc:
         if is_user_error(exc):
