@@ -30,6 +30,9 @@ from pathlib import Path
 
 import yaml
 
+# The names are the provisioning side's (what `lorastack stack new` writes), defined once there.
+from provisioning.pipeline import deploy_environment, preview_environment
+
 WAVES = ("platform", "dev", "staging", "teams", "prod")
 TIER_WAVE = {"dev": "dev", "staging": "staging", "team": "teams", "prod": "prod"}
 STACK_FILE_RE = re.compile(r"^Pulumi\.(?P<stack>[A-Za-z0-9][A-Za-z0-9._-]*)\.yaml$")
@@ -56,21 +59,6 @@ class Stack:
         d = asdict(self)
         del d["tier"], d["wave"]
         return d
-
-
-def deploy_environment(stack: str) -> str:
-    """The GitHub environment that gates ``pulumi up`` of ``stack`` (CONTRACTS.md)."""
-    return f"stack-{stack}"
-
-
-def preview_environment(stack: str) -> str:
-    """The GitHub environment of PR previews and drift checks of ``stack`` (read-only identity)."""
-    return f"preview-{stack}"
-
-
-def federated_subject(repository: str, environment: str) -> str:
-    """The OIDC subject GitHub presents for a job bound to ``environment`` (the federated credential's subject)."""
-    return f"repo:{repository}:environment:{environment}"
 
 
 def stack_names(stacks_dir: Path) -> list[str]:

@@ -81,7 +81,9 @@ def test_cli_appends_the_waves_to_github_output(tmp_path, capsys):
 
 
 def test_federated_subject_matches_the_environment():
-    assert stacks.federated_subject("acme/lorastack", stacks.preview_environment("ml")) == (
+    from provisioning.pipeline import subject
+
+    assert subject("acme/lorastack", stacks.preview_environment("ml")) == (
         "repo:acme/lorastack:environment:preview-ml")
 
 

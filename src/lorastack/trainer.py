@@ -870,7 +870,7 @@ def _fit_and_publish(
     reporter.update("publishing", step=step, message="publishing the adapter")
     adapter = publish(store, run_id, spec, run.doc, trainer.model, tokenizer, revision, metrics,
                       promotion=promotion, evaluation=evaluation)
-    log.info("published adapter %s (%s); %s", adapter.ref, adapter.path, _describe_promotion(adapter.ref, promotion))
+    log.info("published adapter %s (%s); %s", adapter.ref, adapter.path, describe_promotion(adapter.ref, promotion))
     _after_publish(run)
     merged = None
     if spec.merge_16bit:
@@ -904,14 +904,19 @@ class _GateInterrupted(Exception):
     """A signal arrived during the final evaluation / promotion gate."""
 
 
-def _describe_promotion(ref: str, promotion: dict[str, Any]) -> str:
-    verdict = promotion.get("verdict")
+def describe_promotion(ref: str | None, promotion: dict[str, Any]) -> str:
+    """One line: whether the published version ``ref`` became LATEST, and the figures that decided it."""
+    verdict, name = promotion.get("verdict"), (ref or "").split("@")[0]
+    figures = ""
+    if promotion.get("baseline_loss") is not None and promotion.get("candidate_loss") is not None:
+        figures = (f" (eval loss {promotion['candidate_loss']:.4f} vs {promotion['baseline_loss']:.4f} "
+                   f"for {promotion.get('baseline')})")
     if verdict == "promoted":
-        return f"promoted to LATEST ({_promotion_reason(promotion)})"
+        return f"{ref} is now LATEST (promote: {promotion.get('policy', 'always')}){figures}"
     if verdict == "kept":
-        return (f"NOT promoted: {_promotion_reason(promotion)}; LATEST stays. Promote it by hand with "
-                f"`lorastack adapters promote {ref}`")
-    return f"not promoted (promote: never); `lorastack adapters promote {ref}` serves it"
+        return (f"{ref} was NOT promoted: it does not beat {promotion.get('baseline')}{figures}; LATEST is "
+                f"unchanged. Compare with `lorastack eval {ref}`, promote it with `lorastack adapters promote {ref}`")
+    return f"{ref} published, not promoted (promote: never); `lorastack adapters promote {ref}` serves it as {name}"
 
 
 def _promotion_reason(promotion: dict[str, Any]) -> str:

@@ -14,7 +14,7 @@ from lorastack.trainer import (
     EXIT_OK,
     EXIT_USAGE,
     NEXT_RUN,
-    Outcome,
+    describe_promotion,
     is_user_error,
     log,
     prepare_run,
@@ -50,7 +50,7 @@ def finetune_command(args: argparse.Namespace) -> int:
     outcome = run_training(store, run_id, started=started, interactive=sys.stderr.isatty(), verbose=verbose)
     if outcome.phase == "succeeded":
         print(f"adapter {outcome.adapter_ref} published in {store.adapters_dir}")
-        print(describe_promotion(outcome))
+        print(describe_promotion(outcome.adapter_ref, outcome.promotion or {}))
     elif outcome.phase in ("preempted", "stopped"):
         print(f"run {run_id} {outcome.phase} with a checkpoint; run the same command again to resume")
     else:
@@ -88,21 +88,5 @@ def train_command(args: argparse.Namespace) -> int:
         return code
     outcome = run_training(store, args.run, started=started, interactive=sys.stderr.isatty(), verbose=verbose)
     if outcome.phase == "succeeded":
-        print(f"adapter {outcome.adapter_ref}: {describe_promotion(outcome)}")
+        print(f"adapter {outcome.adapter_ref}: {describe_promotion(outcome.adapter_ref, outcome.promotion or {})}")
     return outcome.exit_code
-
-
-def describe_promotion(outcome: Outcome) -> str:
-    """One line: whether the published version became LATEST, and the figures that decided it."""
-    p = outcome.promotion or {}
-    verdict, ref = p.get("verdict"), outcome.adapter_ref
-    name = (ref or "").split("@")[0]
-    figures = ""
-    if p.get("baseline_loss") is not None:
-        figures = f" (eval loss {p['candidate_loss']:.4f} vs {p['baseline_loss']:.4f} for {p.get('baseline')})"
-    if verdict == "promoted":
-        return f"{ref} is now LATEST (promote: {p.get('policy', 'always')}){figures}"
-    if verdict == "kept":
-        return (f"{ref} was NOT promoted: it does not beat {p.get('baseline')}{figures}; LATEST is unchanged. "
-                f"Compare with `lorastack eval {ref}`, promote it with `lorastack adapters promote {ref}`")
-    return f"{ref} published, not promoted (promote: never); `lorastack adapters promote {ref}` serves it as {name}"
