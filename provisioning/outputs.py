@@ -21,6 +21,7 @@ OUTPUTS: dict[str, tuple[str, str] | None] = {
     "location": None,
     "tier": None,
     "environmentName": None,
+    "logAnalyticsWorkspaceId": None,  # the workspace's customer id (not a secret): `lorastack logs` history
     "environmentStorageName": None,
     "storeMountPath": None,
     "keyVaultName": None,

@@ -51,6 +51,8 @@ class Platform:
     registry_id: pulumi.Input[str] | None
     registry_name: pulumi.Input[str] | None
     workload_profiles: pulumi.Input[list]
+    # Log Analytics workspace (customer) id: `lorastack logs` reads ended executions from it; "" when unknown
+    log_workspace_id: pulumi.Input[str] = ""
 
 
 def _registry(s: StackSettings, stack: str, rg_name, tags: dict) -> tuple:
@@ -129,7 +131,8 @@ def _own_platform(s: StackSettings, stack: str, names: dict, rg_name, tags: dict
     ))
     server, reg_id, reg_name = _registry(s, stack, rg_name, tags)
     return Platform(rg_name, s.location, env.environment_id, env.environment_name, subnet_id, s.key_vault.existing_id,
-                    server, reg_id, reg_name, [{"name": p.name, "type": p.type} for p in profiles])
+                    server, reg_id, reg_name, [{"name": p.name, "type": p.type} for p in profiles],
+                    env.workspace_customer_id)
 
 
 def platform_reference(guardrails: Guardrails) -> str:
@@ -163,7 +166,7 @@ def _team_platform(s: StackSettings, guardrails: Guardrails) -> Platform:
 
     return Platform(out("resourceGroupName"), out("location"), out("environmentId"), out("environmentName"), None,
                     out("keyVaultId"), out("acrLoginServer"), out("acrId"), out("acrName"),
-                    pulumi.Output.all(profiles, out("location")).apply(check))
+                    pulumi.Output.all(profiles, out("location")).apply(check), out("logAnalyticsWorkspaceId"))
 
 
 def build(s: StackSettings, stack: str, guardrails: Guardrails | None = None) -> dict[str, Any]:
@@ -268,6 +271,7 @@ def build(s: StackSettings, stack: str, guardrails: Guardrails | None = None) ->
         "location": s.location,
         "tier": s.tier,
         "environmentName": plat.environment_name,
+        "logAnalyticsWorkspaceId": plat.log_workspace_id,
         "environmentId": plat.environment_id,
         "environmentResourceGroupName": plat.resource_group_name,
         "workloadProfiles": plat.workload_profiles,

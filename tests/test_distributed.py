@@ -113,7 +113,7 @@ def test_two_processes_publish_one_adapter_and_match_one_process_with_the_same_g
     assert p1.returncode == 0, out1[-4000:]
 
     # one adapter, one version, one set of step rows: only rank 0 wrote to the store
-    assert sorted(p.name for p in (two.adapters_dir / "plants").iterdir()) == ["LATEST", "v1"]
+    assert sorted(p.name for p in (two.adapters_dir / "plants").iterdir()) == ["LATEST", "promotions.json", "v1"]
     status = two.read_status(run2)
     assert status["phase"] == "succeeded" and status["adapter"] == "plants@v1"
     assert two.adapter("plants").manifest["run_id"] == run2  # verified files, complete manifest

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-KEY = "test-key-123"
+KEY = "test-key-0123456789"  # 16+ characters: `lorastack serve` refuses weaker keys
 MSG = [{"role": "user", "content": "What is the weather like by the river today?"}]
 
 
