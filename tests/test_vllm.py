@@ -144,7 +144,7 @@ def test_vllm_and_builtin_give_the_same_greedy_text_for_base_and_adapter(engines
     import httpx
 
     vurl, burl, _store, model, _ = engines
-    ready = httpx.get(f"{vurl}/readyz").json()
+    ready = httpx.get(f"{vurl}/readyz", headers={"Authorization": f"Bearer {KEY}"}).json()  # details need a key
     assert ready["engine"] == "vllm" and ready["dtype"] == "float32"
     v, b = client(vurl), client(burl)
     assert [m.id for m in v.models.list().data] == [m.id for m in b.models.list().data]
