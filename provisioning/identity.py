@@ -66,7 +66,7 @@ class WorkloadIdentity(pulumi.ComponentResource):
     client_id: pulumi.Output[str]
     vault_name: pulumi.Output[str]
     vault_uri: pulumi.Output[str]
-    hf_token_url: pulumi.Output[str]
+    hf_token_url: pulumi.Output[str] | None  # None: no HF token (public base models only)
     api_keys_url: pulumi.Output[str]
     grants: list[pulumi.Resource]
 
@@ -125,7 +125,9 @@ class WorkloadIdentity(pulumi.ComponentResource):
             # Versionless URI: ACA picks up new versions (within ~30 min) without a redeploy.
             return secret.properties.secret_uri
 
-        self.hf_token_url = secret_url("hf-token", args.hf_token_secret_name, args.hf_token)
+        # No token for a vault this stack creates: public base models only, and no secret to reference.
+        no_hf_token = args.hf_token is None and args.existing_vault_id is None
+        self.hf_token_url = None if no_hf_token else secret_url("hf-token", args.hf_token_secret_name, args.hf_token)
         self.api_keys_url = secret_url("api-keys", args.api_keys_secret_name, args.api_keys)
 
         def role(role_guid: str) -> pulumi.Output[str]:
@@ -147,6 +149,7 @@ class WorkloadIdentity(pulumi.ComponentResource):
                 opts=grant_opts,
             )
             for key, secret_name in (("hf-token", args.hf_token_secret_name), ("api-keys", args.api_keys_secret_name))
+            if not (key == "hf-token" and no_hf_token)
         ]
         if args.registry_id is not None:
             self.grants.append(authorization.RoleAssignment(

@@ -37,7 +37,7 @@ class InferenceAppArgs:
     storage_name: pulumi.Input[str]  # the read-only environment storage link
     storage_type: str
     identity_id: pulumi.Input[str]
-    hf_token_url: pulumi.Input[str]
+    hf_token_url: pulumi.Input[str] | None  # None: no HF token secret (public base models)
     api_keys_url: pulumi.Input[str]
     probes: list[ProbeSpec]
     min_replicas: int
@@ -104,8 +104,8 @@ class InferenceApp(pulumi.ComponentResource):
                 secrets=[
                     app.SecretArgs(name=contract.SECRET_API_KEYS, key_vault_url=args.api_keys_url,
                                    identity=args.identity_id),
-                    app.SecretArgs(name=contract.SECRET_HF_TOKEN, key_vault_url=args.hf_token_url,
-                                   identity=args.identity_id),
+                    *([app.SecretArgs(name=contract.SECRET_HF_TOKEN, key_vault_url=args.hf_token_url,
+                                      identity=args.identity_id)] if args.hf_token_url is not None else []),
                 ],
                 registries=(
                     [app.RegistryCredentialsArgs(server=args.registry_server, identity=args.identity_id)]
@@ -121,7 +121,8 @@ class InferenceApp(pulumi.ComponentResource):
                     resources=app.ContainerResourcesArgs(cpu=args.cpu, memory=args.memory),
                     env=[
                         app.EnvironmentVarArgs(name=contract.ENV_API_KEYS, secret_ref=contract.SECRET_API_KEYS),
-                        app.EnvironmentVarArgs(name=contract.ENV_HF_TOKEN, secret_ref=contract.SECRET_HF_TOKEN),
+                        *([app.EnvironmentVarArgs(name=contract.ENV_HF_TOKEN, secret_ref=contract.SECRET_HF_TOKEN)]
+                          if args.hf_token_url is not None else []),
                         # The job fills the HF hub cache on the share; the app's mount is read-only, so it reads
                         # that cache and never downloads (HF's own small writable state stays on local disk).
                         app.EnvironmentVarArgs(name="HF_HUB_CACHE", value=contract.HF_HUB_CACHE),

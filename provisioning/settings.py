@@ -408,7 +408,8 @@ def _cross_checks(s: StackSettings, stack: str, secret_keys: set[str]) -> list[P
     names = {"hfToken": s.key_vault.hf_token_secret_name, "inferenceApiKeys": s.key_vault.api_keys_secret_name}
     for key in SECRET_KEYS:
         value = getattr(s, "hf_token" if key == "hfToken" else "inference_api_keys")
-        if value is None and s.key_vault.existing_id is None and s.tier != "team":
+        # The HF token is optional (public base models need none); the API keys are not.
+        if value is None and key != "hfToken" and s.key_vault.existing_id is None and s.tier != "team":
             problems.append(Problem(key, (
                 f"missing secret; set it with `pulumi config set --secret {PROJECT}:{key} <value> --stack {stack}` "
                 f"(or import it from an ESC environment), or bring your own Key Vault "

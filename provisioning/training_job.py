@@ -28,7 +28,7 @@ class TrainingJobArgs:
     storage_name: pulumi.Input[str]  # the read-write environment storage link
     storage_type: str
     identity_id: pulumi.Input[str]
-    hf_token_url: pulumi.Input[str]
+    hf_token_url: pulumi.Input[str] | None  # None: no HF token secret (public base models)
     depends_on: list[pulumi.Resource]  # the identity's role assignments
     tags: dict[str, str]
 
@@ -61,7 +61,7 @@ class TrainingJob(pulumi.ComponentResource):
                 ),
                 secrets=[app.SecretArgs(
                     name=contract.SECRET_HF_TOKEN, key_vault_url=args.hf_token_url, identity=args.identity_id
-                )],
+                )] if args.hf_token_url is not None else None,
                 registries=(
                     [app.RegistryCredentialsArgs(server=args.registry_server, identity=args.identity_id)]
                     if args.registry_server else None
@@ -75,7 +75,8 @@ class TrainingJob(pulumi.ComponentResource):
                     # `lorastack finetune` queued on the store (starts need no override, which would drop mounts)
                     resources=app.ContainerResourcesArgs(cpu=args.cpu, memory=args.memory),
                     env=[
-                        app.EnvironmentVarArgs(name=contract.ENV_HF_TOKEN, secret_ref=contract.SECRET_HF_TOKEN),
+                        *([app.EnvironmentVarArgs(name=contract.ENV_HF_TOKEN, secret_ref=contract.SECRET_HF_TOKEN)]
+                          if args.hf_token_url is not None else []),
                         app.EnvironmentVarArgs(name="HF_HOME", value=contract.HF_HOME),
                         app.EnvironmentVarArgs(name="HF_HUB_CACHE", value=contract.HF_HUB_CACHE),
                         app.EnvironmentVarArgs(name="HF_DATASETS_CACHE", value=contract.HF_DATASETS_CACHE),

@@ -384,3 +384,17 @@ def test_codeowners_protects_the_guardrails_and_the_policy_pack():
 
 def test_base_fixture_is_a_valid_dev_stack():
     assert parse_settings(BASE, "s", "dev", SECRETS, expected_tier="dev").tier == "dev"
+
+
+def test_hf_token_is_optional_for_public_models(offline):
+    """Issue 8 item 2: with no HF token the stack still renders; the job and app reference no hf-token secret and
+    get no HF_TOKEN (a public base model needs none). With a token, both read it from Key Vault."""
+    without = offline.render(settings_with(hfToken=None))
+    for kind, secrets_path in (("Job", "configuration.secrets"), ("ContainerApp", "configuration.secrets")):
+        res = without.one(kind)
+        assert contract.SECRET_HF_TOKEN not in {s["name"] for s in res.get(secrets_path) or []}
+        assert contract.ENV_HF_TOKEN not in {e["name"] for e in res.get("template.containers")[0]["env"]}
+    assert not [x for x in without.by_type("Secret") if "hf-token" in x.name]
+    with_token = offline.render(settings_with())
+    for kind in ("Job", "ContainerApp"):
+        assert contract.SECRET_HF_TOKEN in {s["name"] for s in with_token.one(kind).get("configuration.secrets")}
