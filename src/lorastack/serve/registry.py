@@ -335,10 +335,14 @@ class AdapterRegistry:
                 return
             slot = self._loaded.pop(victim)
             self._refcount.pop(slot, None)
-            with self.model_lock:
-                self.model.delete_adapter(slot)
-                self.on_model_change()
+            self._unload(slot)
             log.info("evicted adapter %s", victim)
+
+    def _unload(self, slot: str) -> None:
+        """Drop an evicted adapter's weights (the vLLM registry removes its LoRA request instead)."""
+        with self.model_lock:
+            self.model.delete_adapter(slot)
+            self.on_model_change()
 
 
 def _not_found(model_name: str) -> str:

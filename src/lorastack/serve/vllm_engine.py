@@ -154,17 +154,10 @@ class VLLMAdapterRegistry(AdapterRegistry):
         self.engine.call(self.engine.llm.add_lora(request), timeout=300)  # load now: errors are a 422
         self._requests[slot] = request
 
-    def _evict(self) -> None:
-        while len(self._loaded) > self.max_loaded:
-            victim = next((r for r, s in self._loaded.items() if self._refcount.get(s, 0) == 0), None)
-            if victim is None:  # everything is in use: run over the bound until requests finish
-                return
-            slot = self._loaded.pop(victim)
-            self._refcount.pop(slot, None)
-            request = self._requests.pop(slot, None)
-            if request is not None and self.engine is not None:
-                self.engine.call(self.engine.llm.remove_lora(request.lora_int_id), timeout=60)
-            log.info("evicted adapter %s", victim)
+    def _unload(self, slot: str) -> None:
+        request = self._requests.pop(slot, None)
+        if request is not None and self.engine is not None:
+            self.engine.call(self.engine.llm.remove_lora(request.lora_int_id), timeout=60)
 
 
 class VLLMEngine:
