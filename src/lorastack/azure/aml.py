@@ -34,7 +34,6 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 PRIMARY_METRIC = "eval_loss"  # logged by each trial (MLflow), minimised by the sweep
@@ -85,14 +84,13 @@ def load_target(path: str | os.PathLike[str] | None = None, environ: dict[str, s
     where = "the environment"
     if path:
         where = str(path)
+        from lorastack.azure.credentials import CloudError
+        from lorastack.azure.outputs import read_outputs_file
+
         try:
-            raw = json.loads(Path(path).read_text(encoding="utf-8-sig"))
-        except FileNotFoundError:
-            raise AmlError(f"{path}: no such file; write it with `pulumi stack output --json > {path}`") from None
-        except json.JSONDecodeError as exc:
-            raise AmlError(f"{path}: not JSON ({exc.msg} at line {exc.lineno})") from None
-        if not isinstance(raw, dict):
-            raise AmlError(f"{path}: expected a JSON object of stack outputs")
+            raw = read_outputs_file(path)  # the same reading, and the same errors, as every cloud command
+        except CloudError as exc:
+            raise AmlError(str(exc)) from None
     images = raw.get("lorastack:images") or raw.get("images")
     if isinstance(images, dict) and images.get("trainer") and not raw.get("trainerImage"):
         raw["trainerImage"] = images["trainer"]
