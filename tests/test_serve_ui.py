@@ -102,6 +102,35 @@ def test_ui_needs_login_with_an_api_key(ui_env):
 
 
 @pytest.mark.slow
+def test_idle_ui_queue_stops_polling_every_millisecond(ui_env, monkeypatch):
+    """Issue 12: Gradio's queue polled every 1 ms (plus 10 ms for progress) on the event loop serving /v1,
+    costing an idle server ~4 % of a core; idle, it now wakes about 40 times a second."""
+    import asyncio
+    import time
+    import types
+
+    import gradio.queueing
+    import httpx
+
+    url = ui_env[0]
+    sleeps = []
+
+    async def counted_sleep(delay, *args, **kwargs):
+        sleeps.append(delay)
+        return await asyncio.sleep(delay, *args, **kwargs)
+
+    proxy = types.SimpleNamespace(**{k: getattr(asyncio, k) for k in dir(asyncio) if not k.startswith("__")})
+    proxy.sleep = counted_sleep
+    monkeypatch.setattr(gradio.queueing, "asyncio", proxy)
+    time.sleep(1.5)  # past the idle threshold
+    sleeps.clear()
+    time.sleep(2.0)
+    assert 0 < len(sleeps) < 200, f"{len(sleeps)} queue polls in 2 s of idle"
+    # the server still answers at once after the idle spell
+    assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+
+
+@pytest.mark.slow
 def test_failed_sign_ins_are_throttled(tiny_llama, store):
     import httpx
 
