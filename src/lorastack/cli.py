@@ -44,6 +44,15 @@ def _store_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _stack_args(p: argparse.ArgumentParser, subscription: bool = False) -> None:
+    """``--stack NAME`` and ``--project-dir`` (and ``--subscription``) for the commands that read a stack file."""
+    p.add_argument("--stack", required=True, metavar="NAME", help="stack name (stacks/Pulumi.<NAME>.yaml)")
+    if subscription:
+        p.add_argument("--subscription", metavar="ID",
+                       help="subscription id (default: the stack file, $AZURE_SUBSCRIPTION_ID)")
+    p.add_argument("--project-dir", metavar="DIR", help="directory holding Pulumi.yaml (default: search upwards)")
+
+
 def _outputs_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--outputs",
@@ -143,9 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     _lifecycle_parsers(sub)
 
     p = sub.add_parser("plan", help="render a stack offline under Pulumi mocks and check the policies")
-    p.add_argument("--stack", required=True, metavar="NAME", help="stack name (stacks/Pulumi.<NAME>.yaml)")
+    _stack_args(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.add_argument("--project-dir", metavar="DIR", help="directory holding Pulumi.yaml (default: search upwards)")
     p.add_argument(
         "--against",
         metavar="STATE.json",
@@ -210,19 +218,15 @@ def build_parser() -> argparse.ArgumentParser:
     cloud_common(p)
 
     p = sub.add_parser("preflight", help="cloud: check a subscription and region before `pulumi up` (one table)")
-    p.add_argument("--stack", required=True, metavar="NAME", help="stack name (stacks/Pulumi.<NAME>.yaml)")
-    p.add_argument("--subscription", metavar="ID", help="subscription id (default: the stack file, $AZURE_SUBSCRIPTION_ID)")
-    p.add_argument("--project-dir", metavar="DIR", help="directory holding Pulumi.yaml (default: search upwards)")
+    _stack_args(p, subscription=True)
     p.add_argument("--json", action="store_true", help="print JSON")
     cloud_common(p, outputs=False)
 
     p = sub.add_parser("store", help="cloud: operations on the stack's storage account")
     st = p.add_subparsers(dest="store_action", metavar="ACTION", required=True)
     q = st.add_parser("rotate-key", help="rotate the storage key without breaking a mount (two steps around pulumi up)")
-    q.add_argument("--stack", required=True, metavar="NAME", help="stack name (stacks/Pulumi.<NAME>.yaml)")
+    _stack_args(q, subscription=True)
     q.add_argument("--finish", action="store_true", help="after `pulumi up`: regenerate the previous key")
-    q.add_argument("--subscription", metavar="ID", help="subscription id (default: the stack file, $AZURE_SUBSCRIPTION_ID)")
-    q.add_argument("--project-dir", metavar="DIR", help="directory holding Pulumi.yaml (default: search upwards)")
     cloud_common(q, outputs=False)
     # scale (issue 12): more processes for `train`, the engine for `serve` and `finetune`.
     sub.choices["train"].add_argument(
