@@ -40,11 +40,17 @@ ENV_BASE_REVISION = "LORASTACK_BASE_REVISION"
 # X-Forwarded-For hop, not the ingress's own address (else every client shares one failure budget).
 ENV_PROXY_HOPS = "LORASTACK_PROXY_HOPS"
 INGRESS_PROXY_HOPS = 1
+# The inference app's engine (lorastack.serve.launch and `lorastack serve` read it) and vLLM's sizing, set from the
+# stack's profile by provisioning.engine_plan.
+ENV_ENGINE = "LORASTACK_ENGINE"
 
 def inference_command(easy_auth: bool = False) -> tuple[list[str], list[str]]:
-    """(command, args) of the inference container; with Easy Auth in front, the UI trusts its sign-in headers."""
+    """(command, args) of the inference container; with Easy Auth in front, the UI trusts its sign-in headers.
+
+    The command is the image's launcher (lorastack.serve.launch): it execs ``lorastack serve`` from the environment
+    of the engine LORASTACK_ENGINE names (/opt/lorastack for builtin, /opt/vllm for vllm)."""
     args = ["serve", "--store", STORE_MOUNT_PATH, "--host", "0.0.0.0", "--port", str(INFERENCE_PORT)]
-    return ["lorastack"], args + (["--trust-easy-auth"] if easy_auth else [])
+    return ["python", "-m", "lorastack.serve.launch"], args + (["--trust-easy-auth"] if easy_auth else [])
 
 
 def store_mount_options(storage_type: str) -> str | None:

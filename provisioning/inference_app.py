@@ -49,6 +49,8 @@ class InferenceAppArgs:
     depends_on: list[pulumi.Resource]
     base_model: str | None = None
     base_revision: str | None = None
+    # LORASTACK_ENGINE and vLLM's sizing, from provisioning.engine_plan.plan_engine (name -> value).
+    engine_env: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
 
 
@@ -133,6 +135,7 @@ class InferenceApp(pulumi.ComponentResource):
                           if args.base_model else []),
                         *([app.EnvironmentVarArgs(name=contract.ENV_BASE_REVISION, value=args.base_revision)]
                           if args.base_revision else []),
+                        *[app.EnvironmentVarArgs(name=k, value=v) for k, v in args.engine_env.items()],
                     ],
                     probes=probes,
                     volume_mounts=[app.VolumeMountArgs(

@@ -10,9 +10,9 @@ from typing import Any
 
 import pulumi
 
-from provisioning import contract, gpu, naming, probes
+from provisioning import contract, engine_plan, gpu, naming, probes
 from provisioning.guardrails import Guardrails, load_guardrails
-from provisioning.settings import PROJECT, SECRET_KEYS, SettingsError, StackSettings, parse_settings
+from provisioning.settings import PROJECT, SECRET_KEYS, SettingsError, StackSettings, VllmSettings, parse_settings
 
 
 def stack_file_label(stack: str) -> str:
@@ -235,6 +235,7 @@ def build(s: StackSettings, stack: str, guardrails: Guardrails | None = None) ->
     ))
 
     i_cpu, i_mem = gpu.replica_size(i.gpu_profile, i.cpu, i.memory)
+    v = i.vllm or VllmSettings()  # vLLM sizing left out: derived from the profile (provisioning.engine_plan)
     inference = InferenceApp("inference", InferenceAppArgs(
         resource_group_name=rg_name, location=s.location, app_name=names["app"],
         environment_id=plat.environment_id, workload_profile_name=gpu.profile_name(i.gpu_profile),
@@ -247,6 +248,9 @@ def build(s: StackSettings, stack: str, guardrails: Guardrails | None = None) ->
         entra_auth=EntraAuth(i.entra_auth.client_id, i.entra_auth.tenant_id, i.entra_auth.allowed_audiences,
                              i.entra_auth.excluded_paths) if i.entra_auth else None,
         depends_on=identity.grants, base_model=i.base_model, base_revision=i.base_revision, tags=tags,
+        engine_env=engine_plan.plan_engine(
+            i.gpu_profile, i.engine, concurrent_requests=i.concurrent_requests, max_loras=v.max_loras,
+            max_lora_rank=v.max_lora_rank, gpu_memory_util=v.gpu_memory_utilization, quantization=v.quantization).env,
     ))
 
     aml = None

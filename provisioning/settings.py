@@ -18,10 +18,10 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic.alias_generators import to_camel
 
-from provisioning import gpu, naming, probes, rules
+from provisioning import engine_plan, gpu, naming, probes, rules
 from provisioning.rules import cite
 
 PROJECT = "lorastack"
@@ -119,8 +119,29 @@ class EntraAuthSettings(_Model):
     excluded_paths: list[str] = Field(default_factory=lambda: ["/healthz", "/readyz", "/v1/*"])
 
 
+class VllmSettings(_Model):
+    """vLLM's sizing on the inference app; each value left out is derived from the GPU profile
+    (provisioning.engine_plan)."""
+
+    max_loras: int | None = Field(default=None, ge=1, le=64)
+    max_lora_rank: int | None = None
+    gpu_memory_utilization: float | None = Field(default=None, ge=0.3, le=0.98)
+    quantization: Literal["bitsandbytes"] | None = None
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _rank(cls, v: int | None) -> int | None:
+        if v is not None and v not in engine_plan.LORA_RANKS:
+            raise ValueError(f"{v!r} is not a rank vLLM accepts; allowed: {', '.join(map(str, engine_plan.LORA_RANKS))}")
+        return v
+
+
 class InferenceSettings(_GpuWorkload):
     """The inference Container App."""
+
+    # auto: vLLM on GPU profiles (every inference profile today), the built-in engine on CPU (engine_plan).
+    engine: Literal["auto", "builtin", "vllm"] = "auto"
+    vllm: VllmSettings | None = None
 
     min_replicas: int = Field(default=0, ge=0, le=30)
     max_replicas: int = Field(default=1, ge=1, le=30)
@@ -137,6 +158,14 @@ class InferenceSettings(_GpuWorkload):
     @classmethod
     def _load(cls, v: int) -> int:
         probes.size_probes(v, "/", "/")  # raises with the allowed range
+        return v
+
+    @field_validator("vllm")
+    @classmethod
+    def _vllm_needs_vllm(cls, v: VllmSettings | None, info: ValidationInfo) -> VllmSettings | None:
+        if v is not None and info.data.get("engine") == "builtin":
+            raise ValueError("is set, but inference.engine is 'builtin', which does not read it; allowed: remove "
+                             "inference.vllm, or set inference.engine to auto or vllm")
         return v
 
 

