@@ -1,6 +1,8 @@
 // Both lorastack images in one build: `docker buildx bake -f images/docker-bake.hcl [--push]` from the repo root.
 // One bake builds the shared `base` stage of images/Dockerfile once and both targets on top of it, with SBOM and
-// provenance attestations attached to each pushed image. The images workflow (.github/workflows/images.yml) sets
+// provenance attestations attached to each pushed image. The inference image carries both engines (the built-in one
+// and vLLM's CUDA build in /opt/vllm; LORASTACK_ENGINE picks at start), so a stack switches engine without
+// another image; its vLLM layer (~4 GB compressed) is cached apart from pyproject.toml edits (the requirements stage). The images workflow (.github/workflows/images.yml) sets
 // REGISTRY, VCS_REF and SOURCE_URL, adds the layer cache (type=gha) and reads the digests from --metadata-file.
 
 variable "REGISTRY" {
