@@ -14,8 +14,11 @@ pins with nothing to download, and must not touch torch). Then the image's ENTRY
 image's ENV (image paths such as /mnt/store mapped to temporary directories): the trainer claims the
 run queued on the store, trains and publishes it, and checkpoints on SIGTERM; the server answers
 /healthz, /readyz and an authenticated chat completion with the adapter, and leaves the store untouched
-(it is mounted read-only in Azure). What cannot be proven here: ``docker build`` itself (the base
-image's own Python, layer contents, CUDA) and permissions on the Azure Files mount.
+(it is mounted read-only in Azure). The inference image does so with both engines: its launcher execs the
+built-in venv, or with LORASTACK_ENGINE=vllm the vLLM venv (/opt/vllm; here the stand-in is the vLLM CPU venv
+of ``make vllm-env``, since vLLM's CUDA build cannot be installed or run here). What cannot be proven here:
+``docker build`` itself (the base image's own Python, layer contents, CUDA, vLLM's CUDA kernels) and
+permissions on the Azure Files mount.
 """
 
 from __future__ import annotations
