@@ -107,6 +107,7 @@ def run_one(
             "training_file": "unused.jsonl",
             "max_seq_len": max_seq_len,
             "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": targets},
+            "quantization": {"compute_dtype": "float32" if not torch.cuda.is_available() else "auto"},
             "training": {
                 "epochs": 1.0,
                 "max_steps": -1,
@@ -116,6 +117,7 @@ def run_one(
                 "warmup_ratio": 0.0,
                 "lr_scheduler": "constant",
                 "packing": packing,
+                "row_len": max_seq_len,
                 "gradient_checkpointing": True,
                 "logging_steps": 1000,
                 "seed": 42,

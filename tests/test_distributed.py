@@ -164,22 +164,3 @@ def test_sigterm_stops_both_ranks_at_one_step_and_one_process_resumes_it(tmp_pat
     assert final["step"] == 60 and store.adapter("plants").ref == "plants@v1"
 
 
-# -- the fast-path defaults (lorastack.train_defaults): a pure function of the device ---------------------------
-
-
-def test_defaults_pick_bf16_and_no_checkpointing_where_it_fits_and_checkpoint_where_it_does_not():
-    from lorastack.train_defaults import Device, choose
-
-    phi3 = {"params": 3_821_000_000, "hidden": 3072, "layers": 32, "vocab": 32064}
-    a100 = choose(Device("cuda", 80 << 30, bf16=True, name="A100", fp16=True), **phi3, max_seq_len=2048)
-    assert a100.compute_dtype == "bfloat16" and not a100.gradient_checkpointing and a100.row_len == 2048
-    assert a100.packing and a100.padding_free
-    t4 = choose(Device("cuda", 16 << 30, bf16=False, name="T4", fp16=True), **phi3, max_seq_len=4096, micro_batch=4)
-    assert t4.compute_dtype == "float16" and t4.gradient_checkpointing  # 16 GiB cannot hold the activations
-    assert any("would not fit" in r for r in t4.reasons)
-    cpu = choose(Device("cpu", 24 << 30, bf16=True), params=20_000_000, hidden=256, layers=4, vocab=512,
-                 max_seq_len=1024)
-    assert cpu.compute_dtype == "bfloat16" and cpu.row_len == 256 and not cpu.padding_free
-    old_cpu = choose(Device("cpu", 24 << 30, bf16=False), params=20_000_000, hidden=256, layers=4, vocab=512,
-                     max_seq_len=128)
-    assert old_cpu.compute_dtype == "float32" and old_cpu.row_len == 128  # never longer than max_seq_len

@@ -346,7 +346,8 @@ def test_max_seq_len_beyond_the_models_context_is_refused(tiny_llama, store, tmp
     job.write_text(f"name: x\nbase_model: {tiny_llama}\ntraining_file: {_lines_file(tmp_path, 12)}\n"
                    "max_seq_len: 4096\n")
     with pytest.raises(trainer.TrainerError, match=r"max_seq_len 4096 is longer than the context .* \(1024 tokens\)"):
-        trainer.check_context_length(load_spec(job), store)
+        spec = load_spec(job)
+        trainer.check_context_length(spec, trainer.base_config(spec, store))
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -142,6 +142,10 @@ def test_qlora_run_lowers_loss_and_publishes_a_loadable_adapter(arch, request, t
     assert m["chat_template_sha256"] == hashlib.sha256(tok.chat_template.encode()).hexdigest()
     assert m["dataset_sha256"]["training"] == hashlib.sha256(PLANT_TRAIN.read_bytes()).hexdigest()
     assert m["spec"]["training"]["max_steps"] == 16 and m["metrics"]["global_step"] == 16
+    # The spec left the fast path at auto: what it resolved to (and why) is on the adapter and the status.
+    fast = m["fast_path"]
+    assert fast == status["fast_path"] and fast["packing"] and fast["reasons"]
+    assert fast["row_len"] <= 512 and fast["batch_rows"] == 4 * (512 // fast["row_len"])
     for f in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "chat_template.jinja"):
         assert f in m["files"]
     assert AutoTokenizer.from_pretrained(adapter.path).chat_template == tok.chat_template
@@ -235,6 +239,7 @@ def test_sigterm_checkpoints_and_rerun_resumes_then_changed_spec_refuses(tmp_pat
     assert 2 <= saved_step < 16 and saved_step == status["step"]
     state = json.loads((done[0][1] / "trainer_state.json").read_text())
     assert state["global_step"] == saved_step
+    record = json.loads((done[0][1] / trainer.IDENTITY_FILE).read_text())  # what the fast path resolved to
 
     # A changed spec (here: edited on the store) must not silently continue those checkpoints.
     spec_file = store.run_dir(run_id) / "spec.yaml"
@@ -268,6 +273,8 @@ def test_sigterm_checkpoints_and_rerun_resumes_then_changed_spec_refuses(tmp_pat
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"resuming from checkpoint-{saved_step}" in res.stderr
+    # The resumed attempt trains with the fast path its checkpoint was trained with, and says so.
+    assert "fast path (kept from the checkpoint)" in res.stderr
     status = store.read_status(run_id)
     assert status["phase"] == "succeeded" and status["resumed_from"] == f"checkpoint-{saved_step}"
     assert status["attempts"] == 3
@@ -277,6 +284,9 @@ def test_sigterm_checkpoints_and_rerun_resumes_then_changed_spec_refuses(tmp_pat
     steps = [int(r["step"]) for r in results_rows(store, run_id)]
     assert steps == list(range(1, 17))
     assert store.adapter("preempt").manifest["metrics"]["global_step"] == 16
+    kept = store.adapter("preempt").manifest["fast_path"]
+    assert kept["resumed"] and {k: kept[k] for k in ("row_len", "batch_rows", "compute_dtype")} == {
+        k: record["fast_path"][k] for k in ("row_len", "batch_rows", "compute_dtype")}
 
 
 def _fake_checkpoint(store: Store, run_id: str, step: int, doc: dict, complete: bool = True) -> Path:

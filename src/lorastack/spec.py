@@ -27,7 +27,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    field_validator,
+)
 
 from lorastack.store import StoreError, check_name, sha256_file
 
@@ -107,7 +116,8 @@ class QuantizationSettings(_Section):
     )
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto",
-        description="dtype of the matmuls: auto = bfloat16 where supported, else float16 (GPU) / float32 (CPU).",
+        description="dtype of the matmuls: auto = bfloat16 on GPUs that have it, float16 on older GPUs; on CPU "
+        "float32 with a 4-bit base (measured faster there), bfloat16 for a 16-bit base where the CPU has it.",
     )
 
 
@@ -178,17 +188,24 @@ class TrainingSettings(_Section):
         description="Random seed (data order, LoRA init, dropout).",
         json_schema_extra=_allowed("a non-negative integer"),
     )
-    packing: bool = Field(
-        True,
-        strict=True,
-        description="Pack several examples into one row (BFD, no cross-attention).",
-        json_schema_extra=_allowed("true or false"),
+    # "auto" = lorastack.train_defaults picks from the device, its memory and the model, once per run; the
+    # run's log, status and adapter manifest say what it picked and why (a resumed run keeps the same).
+    packing: StrictBool | Literal["auto"] = Field(
+        "auto",
+        description="Pack several examples into one row (BFD, no cross-attention). auto = on.",
+        json_schema_extra=_allowed("true, false or auto"),
     )
-    gradient_checkpointing: bool = Field(
-        True,
-        strict=True,
-        description="Recompute activations in the backward pass to save memory.",
-        json_schema_extra=_allowed("true or false"),
+    row_len: StrictInt | Literal["auto"] = Field(
+        "auto",
+        description="Tokens per packed row (micro-batches keep per_device_batch_size x max_seq_len tokens). "
+        "auto = 256 on CPU (never shorter than the longest example), max_seq_len on a GPU; at most max_seq_len.",
+        json_schema_extra=_allowed("a positive integer or auto"),
+    )
+    gradient_checkpointing: StrictBool | Literal["auto"] = Field(
+        "auto",
+        description="Recompute activations in the backward pass to save memory. "
+        "auto = off when the activations fit in the device's memory, else on.",
+        json_schema_extra=_allowed("true, false or auto"),
     )
     logging_steps: int = Field(
         10,
@@ -257,6 +274,13 @@ class TrainingSettings(_Section):
     def _not_zero(cls, v: int) -> int:
         if v == 0:
             raise ValueError("must be -1 (use epochs) or a positive integer, got 0")
+        return v
+
+    @field_validator("row_len")
+    @classmethod
+    def _positive_row(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v <= 0:
+            raise ValueError(f"must be a positive integer or auto, got {v}")
         return v
 
 

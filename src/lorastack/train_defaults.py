@@ -1,23 +1,23 @@
 """The fast path by default: packing, row length, gradient checkpointing and compute dtype from the device.
 
 A pure function (:func:`choose`) of what the device is and has, so it is tested without the device;
-:func:`detect` reads the device. The rules follow measurements, not assumptions
-(``benchmarks/bench_train_defaults.py`` prints them side by side; issue 12 measured on a 2-core AVX512-BF16
-CPU: bf16 compute 1.44x, gradient checkpointing off 1.39x for +14 % memory, rows of 256 tokens 1.23x):
+:func:`detect` reads the device and :func:`shape_of_config` the model's size (on the meta device, no weights).
+The trainer calls them once per run for every setting the spec leaves at "auto" (lorastack.trainer,
+``choose_fast_path``). The rules follow measurements, not assumptions (``benchmarks/bench_train_defaults.py``
+prints them side by side, through the real trainer):
 
-- compute dtype: bf16 where the CPU (AVX512-BF16 / AMX) or GPU (compute capability >= 8) has it, fp16 on
-  older GPUs (T4), else fp32;
+- compute dtype: bf16 on GPUs that have it (compute capability >= 8), fp16 on older GPUs (T4). On CPU, fp32
+  for a 4-bit base: bitsandbytes' CPU kernels dequantize NF4 to the compute dtype and the bf16 path measured
+  slower there (0.85x); bf16 for a 16-bit base where the CPU has AVX512-BF16 / AMX (autocast, measured 1.44x);
 - gradient checkpointing: off when the activations of one micro-batch without it fit in the memory left
   after weights, LoRA state and logits, with a 20 % margin; on otherwise (it trades ~30 % speed for memory);
-- packing: on (rows that never attend across examples, lorastack.packing); on CUDA the attention is
-  padding-free varlen (flash-attention / SDPA with ``position_ids``) so packing costs no cross-example work;
-- row length: on CPU, 256 tokens (attention is quadratic in the row and CPU GEMMs saturate early), capped
-  by ``max_seq_len``; on a GPU, ``max_seq_len`` (long rows keep the GEMMs large; NF4 dequantization costs
-  per micro-step, not per token).
-
-The trainer's one-line hook (lifecycle team): before building the SFTConfig,
-``d = train_defaults.choose(train_defaults.detect(), **train_defaults.model_shape(model), max_seq_len=...,
-micro_batch=...)`` and use ``d`` for every setting the spec leaves at "auto".
+- packing: on (rows that never attend across examples, lorastack.packing);
+- row length: on CPU, 256 tokens (attention is quadratic in the row and CPU GEMMs saturate early), never
+  shorter than the longest example (packing never cuts one) nor longer than ``max_seq_len``; on a GPU,
+  ``max_seq_len`` (long rows keep the GEMMs large). A micro-batch keeps ``micro_batch x max_seq_len`` tokens:
+  shorter rows mean more of them per micro-batch, so an optimizer step sees the same amount of data.
+- ``padding_free`` says the device would profit from varlen attention kernels (flash-attention on CUDA); the
+  images do not ship flash-attn, so the trainer records it as advice only.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ class Defaults:
     row_len: int
     padding_free: bool
     reasons: list[str] = field(default_factory=list)
+    batch_rows: int = 1  # packed rows per micro-batch: micro_batch x max_seq_len tokens in rows of row_len
 
 
 def activation_bytes(tokens: int, hidden: int, layers: int, dtype_bytes: int, checkpointing: bool) -> int:
@@ -73,34 +74,46 @@ def choose(
     max_seq_len: int,
     micro_batch: int = 1,
     lora_params: int = 0,
+    longest_example: int | None = None,
+    quantized: bool = True,
 ) -> Defaults:
-    """The defaults for training a model of this shape on ``device`` (pure: no torch, no device access)."""
+    """The defaults for training a model of this shape on ``device`` (pure: no torch, no device access).
+
+    ``micro_batch`` counts rows of ``max_seq_len`` tokens (the spec's per_device_batch_size);
+    ``longest_example`` (tokens) bounds the row length from below; ``quantized`` = a 4-bit base.
+    """
     reasons: list[str] = []
-    if device.bf16:
+    if device.kind == "cuda" and device.bf16:
         dtype, nbytes = "bfloat16", 2
-        reasons.append(f"bf16: the {device.kind} computes in bf16 (measured 1.44x fp32 on an AVX512-BF16 CPU)")
+        reasons.append("bf16: the GPU computes in bf16")
     elif device.kind == "cuda" and device.fp16:
         dtype, nbytes = "float16", 2
         reasons.append("fp16: this GPU has no bf16")
+    elif device.bf16 and not quantized:
+        dtype, nbytes = "bfloat16", 2
+        reasons.append("bf16: the CPU computes in bf16 (measured 1.44x fp32 for a 16-bit base)")
     else:
         dtype, nbytes = "float32", 4
-        reasons.append("fp32: no bf16 on this device")
-    row = min(max_seq_len, CPU_ROW) if device.kind == "cpu" else max_seq_len
-    if row < max_seq_len:
-        reasons.append(f"rows of {row} tokens on CPU (measured 1.23x rows of 512)")
-    tokens = row * micro_batch
+        reasons.append("fp32: 4-bit base on CPU (bf16 measured 0.85x)" if device.bf16 else "fp32: no bf16 here")
+    row = max_seq_len
+    if device.kind == "cpu":
+        row = min(max_seq_len, max(CPU_ROW, longest_example or 0))
+        if row < max_seq_len:
+            reasons.append(f"rows of {row} tokens on CPU (measured faster than rows of {max_seq_len})")
+    batch_rows = micro_batch * max(1, max_seq_len // row)  # proportional: 2 ranks x b rows = 1 rank x 2b rows
+    tokens = row * batch_rows
     fixed = int(params * BYTES_NF4_PER_PARAM) + 16 * lora_params + 2 * tokens * vocab * 4  # weights, LoRA, logits
+    if not quantized:
+        fixed += int(params * (2 - BYTES_NF4_PER_PARAM))  # 16-bit weights
     free = device.memory_bytes * 0.8 - fixed
     no_gc = activation_bytes(tokens, hidden, layers, nbytes, checkpointing=False)
     checkpointing = no_gc > free
     if checkpointing:
         reasons.append(f"gradient checkpointing on: {no_gc / 2**30:.1f} GiB of activations would not fit")
     else:
-        reasons.append(
-            f"gradient checkpointing off: {no_gc / 2**30:.2f} GiB of activations fit (measured 1.39x, +14 % memory)"
-        )
+        reasons.append(f"gradient checkpointing off: {no_gc / 2**30:.2f} GiB of activations fit")
     padding_free = device.kind == "cuda"
-    return Defaults(dtype, checkpointing, True, row, padding_free, reasons)
+    return Defaults(dtype, checkpointing, True, row, padding_free, reasons, batch_rows)
 
 
 def detect() -> Device:
@@ -122,16 +135,20 @@ def detect() -> Device:
     return Device("cpu", int(mem), bf16, "cpu")
 
 
-def model_shape(model: Any) -> dict[str, int]:
-    """``params``, ``hidden``, ``layers``, ``vocab`` of a transformers model (its config; 4-bit aware count)."""
-    import math
+def shape_of_config(config: Any) -> dict[str, int]:
+    """``params``, ``hidden``, ``layers``, ``vocab`` of the model a transformers config describes.
 
-    cfg = model.config
-    params = 0
-    for p in model.parameters():
-        qs = getattr(p, "quant_state", None)
-        params += math.prod(qs.shape) if qs is not None else p.numel()
-    return {"params": params, "hidden": cfg.hidden_size, "layers": cfg.num_hidden_layers, "vocab": cfg.vocab_size}
+    The model is built on the meta device (no memory, no weights read), so the count is exact for any
+    architecture, before the base model is loaded in the dtype these defaults choose.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    params = sum(p.numel() for p in model.parameters())
+    text = getattr(config, "text_config", None) or config
+    return {"params": params, "hidden": text.hidden_size, "layers": text.num_hidden_layers, "vocab": text.vocab_size}
 
 
 def _cpu_flags() -> set[str]:

@@ -621,6 +621,7 @@ class _Run:
     started: float  # time.monotonic() when the process started (the time budget counts from there)
     interactive: bool
     verbose: bool = False
+    fast_path: dict[str, Any] | None = None  # the settings "auto" resolved to (choose_fast_path), once per run
 
     def emit(self, line: str, *, always: bool = False) -> None:
         """A progress line: above the progress bar when interactive (only ``always`` ones unless verbose),
@@ -733,11 +734,18 @@ def _train(run: _Run) -> Outcome:
     )
     quiet_libraries(run.verbose)
     tokenizer = load_tokenizer(spec, store)
-    check_context_length(spec, store)
+    config = base_config(spec, store)
+    check_context_length(spec, config)
     paths = {role: store.dataset_path(sha) for role, sha in run.doc["dataset_sha256"].items()}
     train_data, eval_data = encode_datasets(paths, tokenizer, spec.max_seq_len, _display_names(run.doc, paths))
 
-    run.reporter.update("loading", message=f"loading {spec.base_model} in 4-bit")
+    longest = max(len(r["input_ids"]) for data in (train_data, eval_data) if data for r in data.rows)
+    prior = _checkpoint_record(resume_from)[0].get("fast_path", LEGACY_FAST_PATH) if resume_from else None
+    spec, run.fast_path = choose_fast_path(spec, config, longest, prior=prior)
+    run.spec = spec
+    log.info("%s", describe_fast_path(run.fast_path))
+    run.reporter.update("loading", message=f"loading {spec.base_model}"
+                        f"{' in 4-bit' if spec.quantization.load_in_4bit else ''}", fast_path=run.fast_path)
     model, revision = load_base_model(spec, store)
     quiet_libraries(run.verbose)
     return _fit_and_publish(run, tokenizer, model, revision, train_data, eval_data, resume_from)
@@ -761,21 +769,84 @@ def _display_names(doc: dict[str, Any], paths: dict[str, Path]) -> dict[str, str
     return names
 
 
-def check_context_length(spec: RunSpec, store: Store) -> None:
-    """Refuse a max_seq_len longer than the base model's context (positions past it were never trained)."""
+def base_config(spec: RunSpec, store: Store) -> Any:
+    """The base model's transformers config, or None when it cannot be read (the model load names why)."""
     from transformers import AutoConfig
 
     name, kwargs, _ = models.model_source(spec.base_model, spec.base_revision, models.hub_cache_dir(store.models_dir))
     try:
-        config = AutoConfig.from_pretrained(name, **kwargs)
+        return AutoConfig.from_pretrained(name, **kwargs)
     except (OSError, ValueError):
-        return  # the model load that follows names the problem
+        return None
+
+
+def check_context_length(spec: RunSpec, config: Any) -> None:
+    """Refuse a max_seq_len longer than the base model's context (positions past it were never trained)."""
     context = getattr(config, "max_position_embeddings", None)
     if isinstance(context, int) and spec.max_seq_len > context:
         raise TrainerError(
             f"max_seq_len {spec.max_seq_len} is longer than the context of {spec.base_model} ({context} tokens); "
             f"set max_seq_len: {context} or less in the spec (or --set max_seq_len={context})"
         )
+
+
+# What "auto" meant before the fast path was chosen per run: a checkpoint without a record resumes with these.
+LEGACY_FAST_PATH = {"packing": True, "gradient_checkpointing": True}
+_FAST_PATH_KEYS = ("compute_dtype", "packing", "gradient_checkpointing", "row_len", "batch_rows")
+
+
+def choose_fast_path(
+    spec: RunSpec, config: Any, longest_example: int, *, prior: dict[str, Any] | None = None
+) -> tuple[RunSpec, dict[str, Any]]:
+    """The spec with every fast-path setting it leaves at "auto" resolved, and a record of what was chosen.
+
+    A resumed run passes ``prior`` (its checkpoint's record) and keeps those choices, so rows, micro-batches and
+    numerics match the checkpoint even on another device; otherwise lorastack.train_defaults chooses from this
+    device, the model's shape (``config``, read without loading weights) and the longest example. Settings the
+    spec gives explicitly always win. Every rank chooses from the same inputs, so all ranks agree.
+    """
+    from lorastack import train_defaults as td
+
+    t, q = spec.training, spec.quantization
+    chosen: dict[str, Any] = dict(prior or {})
+    reasons: list[str] = list(chosen.pop("reasons", []))
+    if prior is None and config is not None:
+        d = td.choose(td.detect(), **td.shape_of_config(config), max_seq_len=spec.max_seq_len,
+                      micro_batch=t.per_device_batch_size, longest_example=longest_example,
+                      quantized=q.load_in_4bit)
+        chosen = {"compute_dtype": d.compute_dtype, "packing": d.packing, "row_len": d.row_len,
+                  "gradient_checkpointing": d.gradient_checkpointing, "padding_free": d.padding_free}
+        reasons = d.reasons
+    explicit = {"compute_dtype": q.compute_dtype, "packing": t.packing, "row_len": t.row_len,
+                "gradient_checkpointing": t.gradient_checkpointing}
+    fallback = {"compute_dtype": "auto", "packing": True, "row_len": spec.max_seq_len, "gradient_checkpointing": True}
+    out = {k: v if v != "auto" else chosen.get(k, fallback[k]) for k, v in explicit.items()}
+    if out["compute_dtype"] == "auto":  # no config to choose from: the model load names the problem
+        out["compute_dtype"] = str(models.compute_dtype("auto")).removeprefix("torch.")
+    out["row_len"] = min(int(out["row_len"]), spec.max_seq_len)
+    if out["packing"]:  # a micro-batch keeps per_device_batch_size x max_seq_len tokens, in rows of row_len
+        out["batch_rows"] = t.per_device_batch_size * max(1, spec.max_seq_len // out["row_len"])
+    else:
+        out["row_len"], out["batch_rows"] = spec.max_seq_len, t.per_device_batch_size
+    given = [k for k, v in explicit.items() if v != "auto"]
+    record = {**out, "padding_free": bool(chosen.get("padding_free", False)),
+              "reasons": ([f"set in the spec: {', '.join(given)}"] if given else []) + reasons,
+              "resumed": prior is not None}
+    training = t.model_copy(update={"packing": out["packing"], "row_len": out["row_len"],
+                                    "gradient_checkpointing": out["gradient_checkpointing"],
+                                    "per_device_batch_size": out["batch_rows"]})
+    quantization = q.model_copy(update={"compute_dtype": out["compute_dtype"]})
+    return spec.model_copy(update={"training": training, "quantization": quantization}), record
+
+
+def describe_fast_path(record: dict[str, Any]) -> str:
+    """One log line: what the run trains with and why."""
+    rows = (f"packing on, {record['batch_rows']} rows of {record['row_len']} tokens per micro-batch"
+            if record["packing"] else f"packing off, {record['batch_rows']} examples per micro-batch")
+    head = (f"fast path{' (kept from the checkpoint)' if record.get('resumed') else ''}: "
+            f"{record['compute_dtype']}, {rows}, gradient checkpointing "
+            f"{'on' if record['gradient_checkpointing'] else 'off'}")
+    return head + (f" ({'; '.join(record['reasons'])})" if record.get("reasons") else "")
 
 
 def _checkpoint_record(checkpoint: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -869,7 +940,7 @@ def _fit_and_publish(
         return Outcome("succeeded", EXIT_OK, None, metrics)
     reporter.update("publishing", step=step, message="publishing the adapter")
     adapter = publish(store, run_id, spec, run.doc, trainer.model, tokenizer, revision, metrics,
-                      promotion=promotion, evaluation=evaluation)
+                      promotion=promotion, evaluation=evaluation, fast_path=run.fast_path)
     log.info("published adapter %s (%s); %s", adapter.ref, adapter.path, describe_promotion(adapter.ref, promotion))
     _after_publish(run)
     merged = None
@@ -1220,6 +1291,7 @@ class _RunMonitor:
                     "saved_at": utc_now(),
                     "metrics": self.cumulative(),
                     "training_done": self.training_done,
+                    "fast_path": run.fast_path,
                     "early_stopping": {"best_eval_loss": self.best_loss, "best_step": self.best_step,
                                        "evals_since_best": self.evals_since_best},
                 },
@@ -1365,7 +1437,9 @@ def build_sft_trainer(
     interactive: bool = False,
     callbacks: list | None = None,
 ) -> Any:
-    """A TRL SFTTrainer for a 4-bit base + LoRA on pre-tokenized rows (``input_ids`` + ``labels``)."""
+    """A TRL SFTTrainer for a 4-bit base + LoRA on pre-tokenized rows (``input_ids`` + ``labels``).
+
+    ``spec`` has its fast-path settings resolved (:func:`choose_fast_path`, or explicit in the spec)."""
     import torch
     from datasets import Dataset
     from trl import SFTTrainer
@@ -1375,16 +1449,19 @@ def build_sft_trainer(
     warnings.filterwarnings(
         "ignore", message=r".*gradient_checkpointing\w*` is deprecated", category=FutureWarning
     )
+    unresolved = [k for k in ("packing", "gradient_checkpointing", "row_len") if getattr(spec.training, k) == "auto"]
+    if unresolved:
+        raise ValueError(f"training.{', training.'.join(unresolved)} still 'auto': resolve with choose_fast_path")
     model = _with_lora(model, spec)
     has_eval = bool(eval_rows)
-    packing, max_len = spec.training.packing, spec.max_seq_len
+    packing, row_len = spec.training.packing, spec.training.row_len
     dtype = models.compute_dtype(spec.quantization.compute_dtype)
     trainer = _counting_trainer_class(SFTTrainer)(
         model=model,
         args=_sft_config(spec, output_dir, dtype, has_eval=has_eval, interactive=interactive),
-        train_dataset=Dataset.from_list(pack_rows(train_rows, max_len) if packing else train_rows),
+        train_dataset=Dataset.from_list(pack_rows(train_rows, row_len) if packing else train_rows),
         eval_dataset=(
-            Dataset.from_list(pack_rows(eval_rows, max_len) if packing else eval_rows) if has_eval else None
+            Dataset.from_list(pack_rows(eval_rows, row_len) if packing else eval_rows) if has_eval else None
         ),
         data_collator=PackedCollator(tokenizer.pad_token_id) if packing else None,
         processing_class=tokenizer,
@@ -1529,12 +1606,14 @@ def publish(
     *,
     promotion: dict[str, Any] | None = None,
     evaluation: dict[str, Any] | None = None,
+    fast_path: dict[str, Any] | None = None,
 ) -> Any:
     """Save adapter + tokenizer + chat template + model card to a scratch dir, then publish it atomically.
 
     LATEST moves only when ``promotion["verdict"]`` is "promoted" (no promotion given: promoted). Publishing
     is idempotent per run (see Store.publish_adapter). With ``evaluation`` (the gate's scores), eval.json is
-    written next to the version for the UI.
+    written next to the version for the UI. ``fast_path`` (what the spec's "auto" settings resolved to) goes into
+    the manifest.
     """
     from lorastack.model_card import render_model_card
 
@@ -1558,6 +1637,8 @@ def publish(
             "promotion": promotion,
             "system_prompt": _system_prompt(store, doc),
         }
+        if fast_path:
+            manifest["fast_path"] = fast_path
         if doc.get("holdout"):
             manifest["holdout"] = doc["holdout"]
         datasets = {role: _dataset_facts(store, sha) for role, sha in doc["dataset_sha256"].items()}
