@@ -45,8 +45,8 @@ echo "== training: QLoRA (NF4) on Phi-3-mini-sized weights, rows of 2048 tokens,
 timeout 300 "$PY" benchmarks/bench_ddp.py --model "$OUT/phi3mini" --nproc "$NGPU" --batch 2 --steps 12 \
   --seq-len 2048 --rounds 1 || echo "bench_ddp failed or timed out"
 
-echo "== the fast-path knobs at Phi-3-mini-like width (CPU-style micro-benchmark, on this machine's CPU)"
-timeout 60 "$PY" benchmarks/bench_train_defaults.py --hidden 1024 --layers 2 --rounds 1 || true
+echo "== the fast-path knobs through the trainer (auto vs the old defaults, on the GPU), hidden 1024"
+timeout 120 "$PY" benchmarks/bench_train_defaults.py --hidden 1024 --layers 4 --max-seq-len 2048 --rounds 1 || true
 
 if [ -x "$VLLM_PYTHON" ]; then
   echo "== serving: built-in vs vLLM, bf16, 1/4/16 clients"

@@ -23,15 +23,14 @@ OLD_CPU = Device("cpu", 24 << 30, bf16=False)
         ("A100: bf16, activations fit, full rows", A100, PHI3, {"max_seq_len": 2048}, "bfloat16", False, 2048, 1),
         ("T4: fp16, 16 GiB cannot hold the activations", T4, PHI3, {"max_seq_len": 4096, "micro_batch": 4},
          "float16", True, 4096, 4),
-        ("bf16 CPU, 4-bit base: fp32 (bf16 measured slower)", BF16_CPU, TINY, {"max_seq_len": 1024},
-         "float32", False, 256, 4),
+        ("bf16 CPU, 4-bit base: bf16", BF16_CPU, TINY, {"max_seq_len": 1024}, "bfloat16", False, 256, 4),
         ("bf16 CPU, 16-bit base: bf16", BF16_CPU, TINY, {"max_seq_len": 1024, "quantized": False},
          "bfloat16", False, 256, 4),
         ("CPU without bf16, 16-bit base: fp32", OLD_CPU, TINY, {"max_seq_len": 1024, "quantized": False},
          "float32", False, 256, 4),
         ("CPU row never longer than max_seq_len", OLD_CPU, TINY, {"max_seq_len": 128}, "float32", False, 128, 1),
         ("CPU row never shorter than the longest example", BF16_CPU, TINY,
-         {"max_seq_len": 1024, "longest_example": 300, "micro_batch": 2}, "float32", False, 300, 6),
+         {"max_seq_len": 1024, "longest_example": 300, "micro_batch": 2}, "bfloat16", False, 300, 6),
     ],
 )
 def test_choose_picks_dtype_checkpointing_and_rows_from_the_device(
@@ -85,10 +84,10 @@ def test_auto_settings_resolve_once_and_the_record_says_why(tiny_config, monkeyp
     spec, record = trainer.choose_fast_path(_spec(), tiny_config, longest_example=120)
     t = spec.training
     assert (t.packing, t.row_len, t.gradient_checkpointing, t.per_device_batch_size) == (True, 256, False, 8)
-    assert spec.quantization.compute_dtype == "float32" and record["resumed"] is False
+    assert spec.quantization.compute_dtype == "bfloat16" and record["resumed"] is False
     line = trainer.describe_fast_path(record)
-    assert line.startswith("fast path: float32, packing on, 8 rows of 256 tokens per micro-batch, gradient "
-                           "checkpointing off") and "bf16 measured 0.85x" in line
+    assert line.startswith("fast path: bfloat16, packing on, 8 rows of 256 tokens per micro-batch, gradient "
+                           "checkpointing off") and "bf16: the CPU computes in bf16" in line
 
 
 def test_explicit_settings_win_over_the_device(tiny_config, monkeypatch):

@@ -116,8 +116,8 @@ class QuantizationSettings(_Section):
     )
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto",
-        description="dtype of the matmuls: auto = bfloat16 on GPUs that have it, float16 on older GPUs; on CPU "
-        "float32 with a 4-bit base (measured faster there), bfloat16 for a 16-bit base where the CPU has it.",
+        description="dtype of the matmuls: auto = bfloat16 where the GPU or CPU has it (AVX512-BF16 / AMX), "
+        "float16 on older GPUs (T4), else float32.",
     )
 
 

@@ -6,9 +6,9 @@ The trainer calls them once per run for every setting the spec leaves at "auto" 
 ``choose_fast_path``). The rules follow measurements, not assumptions (``benchmarks/bench_train_defaults.py``
 prints them side by side, through the real trainer):
 
-- compute dtype: bf16 on GPUs that have it (compute capability >= 8), fp16 on older GPUs (T4). On CPU, fp32
-  for a 4-bit base: bitsandbytes' CPU kernels dequantize NF4 to the compute dtype and the bf16 path measured
-  slower there (0.85x); bf16 for a 16-bit base where the CPU has AVX512-BF16 / AMX (autocast, measured 1.44x);
+- compute dtype: bf16 where the device has it (GPUs of compute capability >= 8; CPUs with AVX512-BF16 / AMX,
+  through autocast: measured 1.18x alone and 1.18x on top of the other choices with a 4-bit base), fp16 on older
+  GPUs (T4), else fp32;
 - gradient checkpointing: off when the activations of one micro-batch without it fit in the memory left
   after weights, LoRA state and logits, with a 20 % margin; on otherwise (it trades ~30 % speed for memory);
 - packing: on (rows that never attend across examples, lorastack.packing);
@@ -83,18 +83,16 @@ def choose(
     ``longest_example`` (tokens) bounds the row length from below; ``quantized`` = a 4-bit base.
     """
     reasons: list[str] = []
-    if device.kind == "cuda" and device.bf16:
+    if device.bf16:
         dtype, nbytes = "bfloat16", 2
-        reasons.append("bf16: the GPU computes in bf16")
+        reasons.append(f"bf16: the {'GPU' if device.kind == 'cuda' else 'CPU'} computes in bf16"
+                       + (" (measured 1.18x fp32 here)" if device.kind == "cpu" else ""))
     elif device.kind == "cuda" and device.fp16:
         dtype, nbytes = "float16", 2
         reasons.append("fp16: this GPU has no bf16")
-    elif device.bf16 and not quantized:
-        dtype, nbytes = "bfloat16", 2
-        reasons.append("bf16: the CPU computes in bf16 (measured 1.44x fp32 for a 16-bit base)")
     else:
         dtype, nbytes = "float32", 4
-        reasons.append("fp32: 4-bit base on CPU (bf16 measured 0.85x)" if device.bf16 else "fp32: no bf16 here")
+        reasons.append("fp32: no bf16 on this device")
     row = max_seq_len
     if device.kind == "cpu":
         row = min(max_seq_len, max(CPU_ROW, longest_example or 0))
