@@ -364,6 +364,9 @@ def main() -> int:
         if engine != "builtin" and (ref := answers.get(("builtin", kind))) is not None:
             same = "same as built-in" if answer.strip() == ref.strip() else f"differs from built-in: {answer[:60]!r}"
             print(f"greedy answer, {kind}, {engine}: {same}")
+    for engine in engines:
+        if (base := answers.get((engine, "base"))) is not None and (tuned := answers.get((engine, "adapter"))):
+            print(f"the adapter changes {engine}'s greedy answer: {'yes' if tuned.strip() != base.strip() else 'NO'}")
     for note in notes:
         print(note)
     return 0
