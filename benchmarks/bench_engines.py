@@ -86,6 +86,7 @@ class Server:
     base: str
     adapter: str | None
     adapter_extra: dict | None = None  # extra request fields that select the adapter (llama.cpp's `lora`)
+    base_extra: dict | None = None  # extra request fields that select the base model alone
     log: Path | None = None
 
 
@@ -124,7 +125,7 @@ def wait_ready(proc: subprocess.Popen, url: str, log: Path, name: str, timeout: 
 
 
 def spawn(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    return subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 
 def start(engine: str, s: Setup) -> Server:
@@ -163,7 +164,8 @@ def start(engine: str, s: Setup) -> Server:
                "--lora", str(s.gguf["adapter"]), "--lora-init-without-apply", "--no-webui"]
         proc = spawn(cmd, env, log)
         wait_ready(proc, f"{url}/health", log, engine)
-        return Server(proc, url, KEY, "base", "base", adapter_extra={"lora": [{"id": 0, "scale": 1.0}]}, log=log)
+        return Server(proc, url, KEY, "base", "base", adapter_extra={"lora": [{"id": 0, "scale": 1.0}]},
+                      base_extra={"lora": []}, log=log)  # no `lora` field would apply the loaded adapter at 1.0
     raise ValueError(engine)
 
 
@@ -177,12 +179,12 @@ def stop(server: Server) -> None:
 
 
 def drive(server: Server, model: str, clients: int, requests: int, max_tokens: int,
-          extra: dict | None = None) -> tuple[float, float, int, str]:
-    """(output tokens/s, p95 latency s, output tokens, answer to the first prompt) for ``clients`` clients
-    sending ``requests`` requests each."""
+          extra: dict | None = None) -> tuple[float, float, int]:
+    """(output tokens/s, p95 latency s, output tokens) for ``clients`` clients sending ``requests`` requests
+    each."""
     from openai import OpenAI
 
-    def one_client(i: int) -> list[tuple[float, int, str]]:
+    def one_client(i: int) -> list[tuple[float, int]]:
         c = OpenAI(base_url=f"{server.url}/v1", api_key=server.key, max_retries=0, timeout=600)
         out = []
         for j in range(requests):
@@ -191,18 +193,27 @@ def drive(server: Server, model: str, clients: int, requests: int, max_tokens: i
                 model=model, messages=[{"role": "user", "content": PROMPTS[(i + j) % len(PROMPTS)]}],
                 max_tokens=max_tokens, temperature=0, extra_body=extra,
             )
-            out.append((time.monotonic() - t0, r.usage.completion_tokens, r.choices[0].message.content or ""))
+            out.append((time.monotonic() - t0, r.usage.completion_tokens))
         return out
 
     t0 = time.monotonic()
     with ThreadPoolExecutor(clients) as pool:
-        per_client = list(pool.map(one_client, range(clients)))
+        results = [x for xs in pool.map(one_client, range(clients)) for x in xs]
     wall = time.monotonic() - t0
-    results = [x for xs in per_client for x in xs]
     lat = sorted(r[0] for r in results)
     p95 = lat[min(len(lat) - 1, int(0.95 * len(lat)))]
     tokens = sum(r[1] for r in results)
-    return tokens / wall, p95, tokens, per_client[0][0][2]
+    return tokens / wall, p95, tokens
+
+
+def greedy_answers(server: Server, model: str, max_tokens: int, extra: dict | None) -> list[str]:
+    """The greedy answer to each prompt, one request at a time (compared across engines; not timed)."""
+    from openai import OpenAI
+
+    c = OpenAI(base_url=f"{server.url}/v1", api_key=server.key, max_retries=0, timeout=600)
+    return [c.chat.completions.create(model=model, messages=[{"role": "user", "content": p}], max_tokens=max_tokens,
+                                      temperature=0, extra_body=extra).choices[0].message.content or ""
+            for p in PROMPTS]
 
 
 def check_llamacpp_tokenizer(server: Server, model_dir: str) -> str:
@@ -242,9 +253,13 @@ def adapter_refusal(server: Server, max_tokens: int) -> str | None:
     except APIStatusError as e:
         why = str(e.message).splitlines()[0] if e.message else ""
         if server.log is not None and e.status_code >= 500:  # the body says only "Internal Server Error"
-            raised = [ln for ln in server.log.read_text(errors="replace").splitlines()
-                      if re.match(r"^[A-Za-z_.]*(Error|Exception): ", ln)]
-            why = raised[-1] if raised else why
+            for _ in range(20):  # the traceback reaches the log just after the response
+                raised = [ln for ln in server.log.read_text(errors="replace").splitlines()
+                          if re.match(r"^[A-Za-z_.]*(Error|Exception): ", ln)]
+                if raised:
+                    why = raised[-1]
+                    break
+                time.sleep(0.25)
         return f"cannot serve a PEFT dir (HTTP {e.status_code}: {why[:160]})"
     return None
 
@@ -306,7 +321,7 @@ def main() -> int:
 
     clients = [int(c) for c in args.clients.split(",")]
     best: dict[tuple[str, str, int], tuple[float, float, int]] = {}
-    answers: dict[tuple[str, str], str] = {}
+    answers: dict[tuple[str, str], list[str]] = {}
     refused: dict[str, str] = {}
     notes: list[str] = []
     for rnd in range(args.rounds):
@@ -324,7 +339,7 @@ def main() -> int:
                     print(notes[-1], flush=True)
                 for kind in ("base", "adapter"):
                     target = server.base if kind == "base" else server.adapter
-                    extra = server.adapter_extra if kind == "adapter" else None
+                    extra = server.adapter_extra if kind == "adapter" else server.base_extra
                     if kind == "adapter":
                         if engine in refused:
                             continue
@@ -333,10 +348,11 @@ def main() -> int:
                             print(f"round {rnd + 1} {engine:12s} adapter: {why}", flush=True)
                             continue
                     drive(server, target, 1, 1, 4, extra)  # warm-up (loads, compiles; not timed)
+                    if rnd == 0:
+                        answers[(engine, kind)] = greedy_answers(server, target, args.max_tokens, extra)
                     for n in clients:
-                        tps, p95, tokens, answer = drive(server, target, n, args.requests, args.max_tokens, extra)
+                        tps, p95, tokens = drive(server, target, n, args.requests, args.max_tokens, extra)
                         key = (engine, kind, n)
-                        answers.setdefault((engine, kind), answer)
                         if key not in best or tps > best[key][0]:
                             best[key] = (tps, p95, tokens)
                         print(f"round {rnd + 1} {engine:12s} {kind:7s} {n:3d} clients: {tps:8.1f} tok/s "
@@ -360,13 +376,17 @@ def main() -> int:
     for engine, why in refused.items():
         print(f"adapter  {'-':>7s} {engine:12s} {why}")
     print()
-    for (engine, kind), answer in answers.items():
+    def agree(a: list[str], b: list[str]) -> int:
+        return sum(x.strip() == y.strip() for x, y in zip(a, b))
+
+    for (engine, kind), got in answers.items():
         if engine != "builtin" and (ref := answers.get(("builtin", kind))) is not None:
-            same = "same as built-in" if answer.strip() == ref.strip() else f"differs from built-in: {answer[:60]!r}"
-            print(f"greedy answer, {kind}, {engine}: {same}")
+            print(f"greedy answers, {kind:7s}, {engine:12s}: same as built-in on {agree(got, ref)}/{len(PROMPTS)} "
+                  "prompts")
     for engine in engines:
         if (base := answers.get((engine, "base"))) is not None and (tuned := answers.get((engine, "adapter"))):
-            print(f"the adapter changes {engine}'s greedy answer: {'yes' if tuned.strip() != base.strip() else 'NO'}")
+            print(f"the adapter changes {engine}'s greedy answer on {len(PROMPTS) - agree(base, tuned)}/"
+                  f"{len(PROMPTS)} prompts")
     for note in notes:
         print(note)
     return 0
