@@ -164,8 +164,11 @@ def start(engine: str, s: Setup) -> Server:
                "--lora", str(s.gguf["adapter"]), "--lora-init-without-apply", "--no-webui"]
         proc = spawn(cmd, env, log)
         wait_ready(proc, f"{url}/health", log, engine)
-        return Server(proc, url, KEY, "base", "base", adapter_extra={"lora": [{"id": 0, "scale": 1.0}]},
-                      base_extra={"lora": []}, log=log)  # no `lora` field would apply the loaded adapter at 1.0
+        # Without a `lora` field the adapter applies at 1.0; a slot's cached prompt (KV computed under another
+        # adapter setting) is not reused across settings, so prompt caching is off.
+        return Server(proc, url, KEY, "base", "base",
+                      adapter_extra={"lora": [{"id": 0, "scale": 1.0}], "cache_prompt": False},
+                      base_extra={"lora": [{"id": 0, "scale": 0.0}], "cache_prompt": False}, log=log)
     raise ValueError(engine)
 
 
