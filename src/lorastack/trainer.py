@@ -792,7 +792,6 @@ def check_context_length(spec: RunSpec, config: Any) -> None:
 
 # What "auto" meant before the fast path was chosen per run: a checkpoint without a record resumes with these.
 LEGACY_FAST_PATH = {"packing": True, "gradient_checkpointing": True}
-_FAST_PATH_KEYS = ("compute_dtype", "packing", "gradient_checkpointing", "row_len", "batch_rows")
 
 
 def choose_fast_path(
