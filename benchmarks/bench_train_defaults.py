@@ -25,15 +25,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def measure(spec_doc: dict, model_dir: Path, rows: list[dict], work: Path) -> float:
-    """Trained tokens/s of one epoch with this (fully resolved) spec."""
+def measure(spec, model_dir: Path, rows: list[dict], work: Path) -> float:
+    """Trained tokens/s of one epoch with this (fully resolved) RunSpec."""
     from transformers import AutoTokenizer
 
-    from lorastack.spec import RunSpec
     from lorastack.store import Store
     from lorastack.trainer import build_sft_trainer, load_base_model
 
-    spec = RunSpec.model_validate(spec_doc)
     tok = AutoTokenizer.from_pretrained(model_dir)
     model, _ = load_base_model(spec, Store(work))
     trainer = build_sft_trainer(spec, model, tok, rows, None, work / "out")
@@ -88,13 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     auto_spec, record = choose_fast_path(RunSpec.model_validate(base_doc), transformers.AutoConfig.from_pretrained(
         model_dir), longest)
 
-    def resolved(dtype: str, gc: bool, row: int | str) -> dict:
+    def resolved(dtype: str, gc: bool, row: int | str) -> RunSpec:
         spec, _ = choose_fast_path(RunSpec.model_validate({
             **base_doc,
             "quantization": {**base_doc["quantization"], "compute_dtype": dtype},
             "training": {**base_doc["training"], "packing": True, "gradient_checkpointing": gc, "row_len": row},
         }), None, longest)
-        return spec.model_dump(mode="json", exclude={"training_file"}) | {"training_file": "unused.jsonl"}
+        return spec
 
     auto_row = record["row_len"]
     settings = {
@@ -102,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         "bfloat16 compute": resolved("bfloat16", True, "auto"),
         "checkpointing off": resolved("float32", False, "auto"),
         f"rows of {auto_row}": resolved("float32", True, auto_row),
-        "auto: " + describe_fast_path(record).split(" (")[0].removeprefix("fast path: "):
-            auto_spec.model_dump(mode="json", exclude={"training_file"}) | {"training_file": "unused.jsonl"},
+        "auto: " + describe_fast_path(record).split(" (")[0].removeprefix("fast path: "): auto_spec,
     }
     # The dtype rule is the closest call on CPU: also run auto with the other dtype.
     other = "bfloat16" if record["compute_dtype"] == "float32" else "float32"

@@ -86,6 +86,13 @@ def gpu_memory_utilization(profile_type: str) -> float:
     return min(MAX_GPU_MEMORY_UTILIZATION, math.floor((1 - HEADROOM_GIB / total) * 100) / 100)
 
 
+def check_lora_rank(rank: int) -> int:
+    """``rank`` if vLLM accepts it as ``max_lora_rank``; else a ValueError listing the ranks it does."""
+    if rank not in LORA_RANKS:
+        raise ValueError(f"{rank!r} is not a rank vLLM accepts; allowed: {', '.join(map(str, LORA_RANKS))}")
+    return rank
+
+
 def plan_engine(
     profile_type: str,
     engine: str = "auto",
@@ -101,8 +108,8 @@ def plan_engine(
     env = {ENV_ENGINE: chosen}
     if chosen != "vllm":
         return EnginePlan(chosen, env)
-    if max_lora_rank is not None and max_lora_rank not in LORA_RANKS:
-        raise ValueError(f"{max_lora_rank!r} is not a rank vLLM accepts; allowed: {', '.join(map(str, LORA_RANKS))}")
+    if max_lora_rank is not None:
+        check_lora_rank(max_lora_rank)
     if quantization is not None and quantization not in QUANTIZATIONS:
         raise ValueError(f"{quantization!r} is not a quantization; allowed: {', '.join(QUANTIZATIONS)}")
     loras = max_loras if max_loras is not None else max(1, min(MAX_LORAS_CAP[profile_type], concurrent_requests))

@@ -131,9 +131,7 @@ class VllmSettings(_Model):
     @field_validator("max_lora_rank")
     @classmethod
     def _rank(cls, v: int | None) -> int | None:
-        if v is not None and v not in engine_plan.LORA_RANKS:
-            raise ValueError(f"{v!r} is not a rank vLLM accepts; allowed: {', '.join(map(str, engine_plan.LORA_RANKS))}")
-        return v
+        return v if v is None else engine_plan.check_lora_rank(v)
 
 
 class InferenceSettings(_GpuWorkload):

@@ -763,6 +763,18 @@ def _proc_exe(pid: int) -> str:
         return ""
 
 
+def _wait_ready(proc: subprocess.Popen, base: str, log_path: Path, timeout: float = 300) -> None:
+    """Until /readyz answers 200 (the model is loaded); fails with the server's log on a load failure or timeout."""
+    deadline = time.monotonic() + timeout
+    ready, body = None, ""
+    while time.monotonic() < deadline and proc.poll() is None:
+        ready, body = _http("GET", f"{base}/readyz", timeout=5)
+        if ready == 200 or (ready == 503 and '"failed"' in body):
+            break
+        time.sleep(0.5)
+    assert ready == 200, f"/readyz: {ready} {body}\n{log_path.read_text()[-6000:]}"
+
+
 def _assert_pid_is_the_app(proc: subprocess.Popen, image: ImageEnv, timeout: float = 20,
                            venv: Path | None = None) -> None:
     """The entrypoint's PID (the one the runtime signals) must become ``venv``'s ``lorastack`` under python (the
@@ -1037,14 +1049,7 @@ def test_inference_image_serves_the_store_read_only(replayed, plant_care_model, 
                 time.sleep(0.3)
             assert status == 200, f"/healthz never answered 200\n{log_path.read_text()[-6000:]}"
 
-            deadline = time.monotonic() + 300
-            ready = None
-            while time.monotonic() < deadline and proc.poll() is None:
-                ready, body = _http("GET", f"{base}/readyz", timeout=5)
-                if ready == 200 or (ready == 503 and '"failed"' in body):
-                    break
-                time.sleep(0.5)
-            assert ready == 200, f"/readyz: {ready} {body}\n{log_path.read_text()[-6000:]}"
+            _wait_ready(proc, base, log_path)
 
             # The HEALTHCHECK command works against the running app (port mapped like the app's).
             health = image.df.final.last("HEALTHCHECK")
@@ -1144,14 +1149,7 @@ def test_inference_image_serves_with_vllm_when_the_stack_says_so(replayed, tmp_p
         proc = subprocess.Popen(argv, env=env, cwd=home, stdout=log_file, stderr=subprocess.STDOUT)
         try:
             _assert_pid_is_the_app(proc, image, venv=image.root / "opt-vllm")
-            deadline = time.monotonic() + 300
-            ready, body = None, ""
-            while time.monotonic() < deadline and proc.poll() is None:
-                ready, body = _http("GET", f"{base}/readyz", timeout=5)
-                if ready == 200 or (ready == 503 and '"failed"' in body):
-                    break
-                time.sleep(0.5)
-            assert ready == 200, f"/readyz: {ready} {body}\n{log_path.read_text()[-6000:]}"
+            _wait_ready(proc, base, log_path)
             code, body = _http("GET", f"{base}/v1/models", key=key)
             assert code == 200 and adapter in [m["id"] for m in json.loads(body)["data"]], body
             code, body = _http("POST", f"{base}/v1/chat/completions", key=key, timeout=120, body={
